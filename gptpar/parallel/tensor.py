@@ -1,0 +1,280 @@
+"""Megatron-style tensor-parallel layers and the vocab-parallel cross-entropy.
+
+Every sharded parameter carries its sharding spec as attributes (``tp_dim``: the dimension split across
+tp, ``tp_chunks``: how many logical blocks that dimension holds, e.g. 3 for a fused q/k/v weight, each
+block split separately so that rank r holds the r-th slice of q, of k and of v). :func:`shard_tensor` and
+:func:`unshard_tensor` use the spec to go between full and per-rank tensors; nothing else needs to know.
+
+Initialisation: a layer builds the *full* weight with the global RNG (same seed on every tp rank, same
+calls as the torch module it replaces) and keeps its shard, so ``torch.manual_seed(s); ColumnParallelLinear``
+holds exactly the shard of ``torch.manual_seed(s); nn.Linear``, whatever tp is. This materialises one full
+weight at a time on the host; it is not used for loading checkpoints, which go shard by shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptpar.errors import GptparConfigError
+from gptpar.parallel import comm
+from gptpar.parallel.mesh import Group
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+def set_tp_spec(param: torch.Tensor, dim: int | None, chunks: int = 1) -> torch.Tensor:
+    """Mark ``param`` as split along ``dim`` across tp (``None``: replicated across tp)."""
+    param.tp_dim = dim
+    param.tp_chunks = chunks
+    return param
+
+
+def tp_spec(param: torch.Tensor) -> tuple[int | None, int]:
+    return getattr(param, "tp_dim", None), getattr(param, "tp_chunks", 1)
+
+
+def shard_tensor(full: torch.Tensor, dim: int | None, chunks: int, size: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s piece of ``full`` under spec (``dim``, ``chunks``) for a group of ``size``."""
+    if dim is None or size == 1:
+        return full.clone()
+    if full.shape[dim] % (chunks * size):
+        raise GptparConfigError(
+            f"cannot shard a tensor of shape {tuple(full.shape)}: dim {dim} ({full.shape[dim]}) is not divisible by "
+            f"chunks*tp = {chunks}*{size}"
+        )
+    blocks = full.chunk(chunks, dim=dim)
+    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim).contiguous()
+
+
+def unshard_tensor(pieces: list[torch.Tensor], dim: int | None, chunks: int) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor`: the full tensor from every rank's piece (in rank order)."""
+    if dim is None or len(pieces) == 1:
+        return pieces[0].clone()
+    per_rank = [p.chunk(chunks, dim=dim) for p in pieces]
+    return torch.cat([torch.cat([pr[c] for pr in per_rank], dim=dim) for c in range(chunks)], dim=dim)
+
+
+def _check_divisible(what: str, value: int, group: Group) -> int:
+    if value % group.size:
+        raise GptparConfigError(f"{what}={value} is not divisible by the '{group.name}' group size {group.size}")
+    return value // group.size
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class ColumnParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with ``A``'s output rows split across tp: rank r computes ``Y[..., r-th slice]``.
+
+    In ``[..., in]`` (replicated), out ``[..., out/tp]`` or, with ``gather_output``, ``[..., out]``.
+    Collectives: backward all-reduce of the input gradient (``copy_to_region``); all-gather if ``gather_output``.
+    ``chunks``: the output holds that many logical blocks (fused q/k/v = 3, fused gate/up = 2), each split
+    separately across tp.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group: Group,
+        gather_output: bool = False,
+        chunks: int = 1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if out_features % chunks:
+            raise GptparConfigError(f"out_features={out_features} is not divisible by chunks={chunks}")
+        if (out_features // chunks) % group.size:
+            raise GptparConfigError(
+                f"out_features={out_features} (in {chunks} block(s)) is not divisible by the '{group.name}' group size "
+                f"{group.size}: each block's rows are split across tp"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.group, self.gather_output, self.chunks = group, gather_output, chunks
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features // group.size, in_features, **factory))
+        set_tp_spec(self.weight, 0, chunks)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features // group.size, **factory))
+            set_tp_spec(self.bias, 0, chunks)
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        full = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)  # same RNG calls as nn.Linear
+        load_full_(self.weight, full.weight, self.group)
+        if self.bias is not None:
+            load_full_(self.bias, full.bias, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = comm.copy_to_region(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            if self.chunks != 1:
+                raise GptparConfigError("gather_output with chunks > 1 would interleave blocks; gather per block instead")
+            y = comm.gather_from_region(y, self.group, dim=-1)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} (local {self.weight.shape[0]}), "
+                f"bias={self.bias is not None}, gather_output={self.gather_output}, chunks={self.chunks}")
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with ``A``'s input columns split across tp; partial products are summed across tp.
+
+    In ``[..., in/tp]`` (``input_is_parallel``) or ``[..., in]`` (then split locally), out ``[..., out]``.
+    Collectives: forward all-reduce of the output (``reduce_from_region``); the bias is replicated and
+    added once, after the reduction.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group: Group,
+        input_is_parallel: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        local_in = _check_divisible("in_features", in_features, group)
+        self.in_features, self.out_features = in_features, out_features
+        self.group, self.input_is_parallel = group, input_is_parallel
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, local_in, **factory))
+        set_tp_spec(self.weight, 1)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+            set_tp_spec(self.bias, None)
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        full = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        load_full_(self.weight, full.weight, self.group)
+        if self.bias is not None:
+            load_full_(self.bias, full.bias, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.scatter_to_region(x, self.group, dim=-1)
+        y = comm.reduce_from_region(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows: rank r holds rows ``[r*V/tp, (r+1)*V/tp)``.
+
+    In ``[...]`` token ids (replicated), out ``[..., dim]`` (replicated). Ids outside the local range look
+    up zeros; the forward all-reduce (``reduce_from_region``) fills in every row from its owner.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: Group, device=None, dtype=None) -> None:
+        super().__init__()
+        local = _check_divisible("num_embeddings (vocab size)", num_embeddings, group)
+        self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
+        self.vocab_start = group.rank * local
+        self.vocab_end = self.vocab_start + local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
+        set_tp_spec(self.weight, 0)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        load_full_(self.weight, nn.Embedding(self.num_embeddings, self.embedding_dim).weight, self.group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group.size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return comm.reduce_from_region(out, self.group)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end})"
+
+
+@torch.no_grad()
+def load_full_(param: torch.Tensor, full: torch.Tensor, group: Group) -> None:
+    """Copy this rank's shard of the full tensor ``full`` into ``param`` (spec read from ``param``)."""
+    dim, chunks = tp_spec(param)
+    piece = shard_tensor(full.detach().to(param.device, param.dtype), dim, chunks, group.size, group.rank)
+    if piece.shape != param.shape:
+        raise GptparConfigError(f"shard of shape {tuple(piece.shape)} does not fit parameter of shape {tuple(param.shape)}")
+    param.copy_(piece)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, ignore_index):
+        # logits [N, V/tp] (this rank's vocab slice), target [N] global ids. Computed in fp32.
+        local_v = logits.shape[-1]
+        start = group.rank * local_v
+        x = logits.float()
+        row_max = x.max(dim=-1).values
+        comm.all_reduce(row_max, group, op=comm.ReduceOp.MAX)
+        x = x - row_max.unsqueeze(-1)
+        in_range = (target >= start) & (target < start + local_v)
+        local_t = (target - start).masked_fill(~in_range, 0)
+        target_logit = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~in_range, 0.0)
+        exp = x.exp_()
+        # One all-reduce for both per-row sums: the owner's target logit and the partial sum of exps.
+        both = torch.stack([target_logit, exp.sum(dim=-1)])
+        comm.all_reduce(both, group)
+        target_logit, sum_exp = both[0], both[1]
+        valid = target != ignore_index
+        loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, in_range & valid, local_t, valid)
+        ctx.logits_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, hit, local_t, valid = ctx.saved_tensors
+        # The saved softmax becomes the gradient in place (as in Megatron): the largest activation is not
+        # copied, at the price that this graph cannot be back-propagated twice (retain_graph).
+        grad = softmax
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -hit.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_loss * valid).unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int = -100
+) -> torch.Tensor:
+    """Per-token cross-entropy from vocab-sharded logits without gathering them.
+
+    In ``logits [..., V/tp]`` (rank r holds vocab slice r), ``target [...]`` global ids; out ``[...]`` fp32
+    losses (0 where ``target == ignore_index``). Collectives: all-reduce MAX of the row maxima and one
+    all-reduce SUM of (target logit, sum of exps), both ``[N]``-sized, over ``group``.
+    """
+    if logits.shape[:-1] != target.shape:
+        raise GptparConfigError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on leading dims")
+    flat = _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), group, ignore_index)
+    return flat.view(target.shape)
+
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy",
+    "shard_tensor",
+    "unshard_tensor",
+    "set_tp_spec",
+    "tp_spec",
+    "load_full_",
+]
