@@ -16,6 +16,7 @@ import atexit
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -36,6 +37,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _detached(obj: Any) -> Any:
+    """Tensors detached (and on CPU) so results cross the process boundary by value."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_detached(o) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
 def _worker(rank: int, world_size: int, init_method: str, tasks, results) -> None:
     import torch
     import torch.distributed as dist
@@ -51,7 +67,8 @@ def _worker(rank: int, world_size: int, init_method: str, tasks, results) -> Non
             break
         call_id, fn, args, kwargs = task
         try:
-            results.put((call_id, rank, True, fn(*args, **kwargs)))
+            # Serialise here, not in the queue's feeder thread, so an unpicklable result is reported too.
+            results.put((call_id, rank, True, pickle.dumps(_detached(fn(*args, **kwargs)))))
         except BaseException:  # report everything, including assertion failures, with the traceback
             results.put((call_id, rank, False, traceback.format_exc()))
     dist.destroy_process_group()
@@ -98,7 +115,7 @@ class WorkerPool:
             if cid != call_id:
                 continue
             if ok:
-                done[rank] = payload
+                done[rank] = pickle.loads(payload)
             else:
                 failed[rank] = payload
                 first_failure = first_failure or time.monotonic()
