@@ -1,0 +1,46 @@
+"""Install layout: Triton kernels live at gptpar.kernels, and nothing named plain `kernels` is installed."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import gptpar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_is_a_subpackage():
+    import gptpar.kernels
+
+    assert os.path.samefile(os.path.dirname(gptpar.kernels.__file__), os.path.join(ROOT, "kernels"))
+
+
+def test_no_top_level_kernels_module_outside_the_repo(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('kernels'))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert out.stdout.strip() == "None", out.stdout + out.stderr
+
+
+def test_version_and_public_api():
+    assert gptpar.__version__
+    for name in ("GPT", "GPTConfig", "ParallelGPT", "ParallelLayout", "init_parallel", "GptparConfigError"):
+        assert hasattr(gptpar, name)
+    assert importlib.util.find_spec("gptpar._C") is not None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc absent: the CUDA compile check needs it")
+def test_cuda_sources_compile_for_sm90(tmp_path):
+    cus = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "csrc")) for f in fs if f.endswith(".cu")]
+    assert cus, "no .cu sources found"
+    for cu in cus:
+        out = subprocess.run(
+            ["nvcc", "-c", "-arch=sm_90", "-O3", "-I", os.path.join(ROOT, "csrc"), cu, "-o", str(tmp_path / "k.o")],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0, f"{cu}:\n{out.stderr}"
