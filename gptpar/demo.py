@@ -60,8 +60,10 @@ def worker(args: argparse.Namespace) -> None:
 
     say = print if st.rank == 0 else (lambda *a, **k: None)
     n_params = config.num_params()
-    say(f"gptpar demo: {n_params / 1e6:.2f}M-parameter GPT, {st.layout} on {st.world_size} CPU processes, "
-        f"{len(data) / 1e6:.1f}M bytes of Python stdlib source")
+    say(
+        f"gptpar demo: {n_params / 1e6:.2f}M-parameter GPT, {st.layout} on {st.world_size} CPU processes, "
+        f"{len(data) / 1e6:.1f}M bytes of Python stdlib source"
+    )
     first_val = val_loss()
     say(f"step {0:4d}  val loss {first_val:.3f}")
     t0, tokens = time.time(), 0
@@ -78,8 +80,10 @@ def worker(args: argparse.Namespace) -> None:
         if step % args.log_every == 0 or step == args.steps:
             say(f"step {step:4d}  train loss {loss.item():.3f}  {tokens / (time.time() - t0):,.0f} tok/s")
     last_val = val_loss()
-    say(f"step {args.steps:4d}  val loss {last_val:.3f}  (from {first_val:.3f}: "
-        f"{'fell' if last_val < first_val else 'DID NOT FALL'})")
+    say(
+        f"step {args.steps:4d}  val loss {last_val:.3f}  (from {first_val:.3f}: "
+        f"{'fell' if last_val < first_val else 'DID NOT FALL'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

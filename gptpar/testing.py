@@ -21,7 +21,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 #: Grace period for the other ranks after one rank failed (they may be blocked on the failed one).
 FAILURE_GRACE_S = 3.0
@@ -126,7 +127,9 @@ class WorkerPool:
             if hung:
                 why = "after another rank failed" if failed else f"within {timeout:g}s"
                 parts.append(f"--- rank(s) {hung} did not finish {why} (hung in a collective?); pool killed")
-            raise DistributedTestError(f"{getattr(fn, '__name__', fn)} on {self.world_size} ranks failed:\n" + "\n".join(parts))
+            raise DistributedTestError(
+                f"{getattr(fn, '__name__', fn)} on {self.world_size} ranks failed:\n" + "\n".join(parts)
+            )
         return [done[r] for r in range(self.world_size)]
 
     def alive(self) -> bool:
@@ -149,7 +152,9 @@ class WorkerPool:
 _POOLS: dict[int, WorkerPool] = {}
 
 
-def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0, fresh: bool = False, **kwargs) -> list[Any]:
+def run_distributed(
+    fn: Callable, world_size: int, *args, timeout: float = 180.0, fresh: bool = False, **kwargs
+) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the results in rank order.
 
     ``fresh=True`` uses a throw-away pool (for tests that leave process groups unusable, e.g. timeouts).

@@ -4,7 +4,7 @@ weights after an optimizer step, for tp = 1, 2, 4 and two model variants."""
 import pytest
 import torch
 
-from gptpar import GPT, GptparConfigError, GPTConfig, ParallelGPT, ParallelLayout, init_parallel
+from gptpar import GPT, GPTConfig, GptparConfigError, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.models import gather_grads, gather_state_dict, shard_state_dict
 from gptpar.parallel import comm
 from gptpar.parallel.random import TPRngTracker
@@ -15,8 +15,16 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 CONFIGS = {
     "gelu-layernorm-tied": GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32),
     "swiglu-rmsnorm-untied-nobias": GPTConfig(
-        vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32, ffn_hidden=48,
-        activation="swiglu", norm="rmsnorm", bias=False, tie_embeddings=False,
+        vocab_size=64,
+        seq_len=16,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        ffn_hidden=48,
+        activation="swiglu",
+        norm="rmsnorm",
+        bias=False,
+        tie_embeddings=False,
     ),
 }
 
@@ -59,8 +67,13 @@ def _train_ref(config, steps):
         idx, tgt = _batch(config, seed=step)
         logits, loss = model(idx, tgt)
         loss.backward()
-        out.append({"logits": logits.detach(), "loss": loss.detach(),
-                    "grads": {n: p.grad.clone() for n, p in model.named_parameters()}})
+        out.append(
+            {
+                "logits": logits.detach(),
+                "loss": loss.detach(),
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            }
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
     return out, model.state_dict()
@@ -73,16 +86,20 @@ def test_tp_gpt_matches_reference(name, tp):
     ref_steps, ref_sd = _train_ref(config, steps=2)
     results = run_distributed(_train_tp, tp, config, tp, 2)
     for rank, (steps, sd) in enumerate(results):
-        for s, (got, want) in enumerate(zip(steps, ref_steps)):
+        for s, (got, want) in enumerate(zip(steps, ref_steps, strict=True)):
             where = f"tp={tp} rank {rank} step {s}"
-            torch.testing.assert_close(got["loss"], want["loss"], **TOL, msg=lambda m: f"{where} loss: {m}")
-            torch.testing.assert_close(got["logits"], want["logits"], **TOL, msg=lambda m: f"{where} logits: {m}")
+            _close(got["loss"], want["loss"], f"{where} loss")
+            _close(got["logits"], want["logits"], f"{where} logits")
             assert got["grads"].keys() == want["grads"].keys()
             for n in want["grads"]:
-                torch.testing.assert_close(got["grads"][n], want["grads"][n], **TOL, msg=lambda m: f"{where} grad {n}: {m}")
+                _close(got["grads"][n], want["grads"][n], f"{where} grad {n}")
         assert sd.keys() == ref_sd.keys()
         for n in ref_sd:  # weights after two optimizer steps
-            torch.testing.assert_close(sd[n], ref_sd[n], **TOL, msg=lambda m: f"tp={tp} rank {rank} weight {n}: {m}")
+            _close(sd[n], ref_sd[n], f"tp={tp} rank {rank} weight {n}")
+
+
+def _close(got, want, where):
+    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{where}: {m}")
 
 
 def _load_reference_weights(config, full_sd):

@@ -5,7 +5,7 @@ import datetime
 import pytest
 import torch
 
-from gptpar import CollectiveTimeoutError, GptparConfigError, GPTConfig, ParallelLayout, init_parallel
+from gptpar import CollectiveTimeoutError, GPTConfig, GptparConfigError, ParallelLayout, init_parallel
 from gptpar.parallel import comm
 from gptpar.testing import run_distributed
 
@@ -37,11 +37,18 @@ def test_for_world_infers_dp():
         (lambda: ParallelLayout(pp=1.5), r"pp=1.5 is invalid"),
         (lambda: ParallelLayout(tp=2, dp=2).check_world_size(6), r"world size 6 != tp\*pp\*dp\*cp = 2\*1\*2\*1 = 4"),
         (lambda: ParallelLayout.for_world(6, tp=4), r"world size 6 is not divisible by tp\*pp\*cp = 4\*1\*1 = 4"),
-        (lambda: ParallelLayout(tp=3).validate_model(GPTConfig(n_head=4, vocab_size=513, d_model=96)),
-         r"n_head=4 is not divisible by tp=3 \(attention is split by heads\)"),
-        (lambda: ParallelLayout(tp=2).validate_model(GPTConfig(vocab_size=511)),
-         r"vocab_size=511 is not divisible by tp=2"),
-        (lambda: ParallelLayout(tp=2).validate_model(GPTConfig(ffn_hidden=301)), r"ffn_hidden=301 is not divisible by tp=2"),
+        (
+            lambda: ParallelLayout(tp=3).validate_model(GPTConfig(n_head=4, vocab_size=513, d_model=96)),
+            r"n_head=4 is not divisible by tp=3 \(attention is split by heads\)",
+        ),
+        (
+            lambda: ParallelLayout(tp=2).validate_model(GPTConfig(vocab_size=511)),
+            r"vocab_size=511 is not divisible by tp=2",
+        ),
+        (
+            lambda: ParallelLayout(tp=2).validate_model(GPTConfig(ffn_hidden=301)),
+            r"ffn_hidden=301 is not divisible by tp=2",
+        ),
         (lambda: ParallelLayout(pp=8).validate_model(GPTConfig(n_layer=4)), r"n_layer=4 is less than pp=8"),
         (lambda: ParallelLayout(cp=3).validate_model(GPTConfig(seq_len=128)), r"seq_len=128 is not divisible by cp=3"),
         (lambda: GPTConfig(d_model=100, n_head=3), r"d_model=100 is not divisible by n_head=3"),

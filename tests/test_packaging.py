@@ -22,7 +22,10 @@ def test_kernels_is_a_subpackage():
 def test_no_top_level_kernels_module_outside_the_repo(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('kernels'))"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.stdout.strip() == "None", out.stdout + out.stderr
 
@@ -41,6 +44,8 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
     for cu in cus:
         out = subprocess.run(
             ["nvcc", "-c", "-arch=sm_90", "-O3", "-I", os.path.join(ROOT, "csrc"), cu, "-o", str(tmp_path / "k.o")],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert out.returncode == 0, f"{cu}:\n{out.stderr}"

@@ -48,7 +48,9 @@ class GPTConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise GptparConfigError(f"{name}={v!r} is invalid: it must be a positive integer")
         if self.d_model % self.n_head:
-            raise GptparConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head} (head_dim must be whole)")
+            raise GptparConfigError(
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head} (head_dim must be whole)"
+            )
         if self.activation not in ACTIVATIONS:
             raise GptparConfigError(f"activation={self.activation!r} is unknown; expected one of {ACTIVATIONS}")
         if self.norm not in NORMS:
@@ -64,7 +66,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

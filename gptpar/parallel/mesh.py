@@ -62,7 +62,7 @@ class ParallelLayout:
         return f"tp={self.tp} pp={self.pp} dp={self.dp} cp={self.cp}"
 
     @classmethod
-    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None) -> "ParallelLayout":
+    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None) -> ParallelLayout:
         """The layout for ``world_size`` ranks; ``dp`` defaults to whatever the other degrees leave."""
         if dp is None:
             rest = tp * pp * cp
@@ -126,11 +126,15 @@ class ParallelLayout:
                 "(the embedding and the output layer are split by vocabulary; pad the vocabulary to a multiple of tp)"
             )
         if config.ffn_hidden % self.tp:
-            problems.append(f"ffn_hidden={config.ffn_hidden} is not divisible by tp={self.tp} (the MLP is split by columns)")
+            problems.append(
+                f"ffn_hidden={config.ffn_hidden} is not divisible by tp={self.tp} (the MLP is split by columns)"
+            )
         if config.n_layer < self.pp:
             problems.append(f"n_layer={config.n_layer} is less than pp={self.pp} (every pipeline stage needs a layer)")
         if config.seq_len % self.cp:
-            problems.append(f"seq_len={config.seq_len} is not divisible by cp={self.cp} (the sequence is split across cp)")
+            problems.append(
+                f"seq_len={config.seq_len} is not divisible by cp={self.cp} (the sequence is split across cp)"
+            )
         if problems:
             raise GptparConfigError(f"layout {self} does not fit the model: " + "; ".join(problems))
 
@@ -237,8 +241,12 @@ def init_parallel(
     if not dist.is_initialized():
         if rank is not None or world_size is not None:
             if rank is None or world_size is None:
-                raise GptparConfigError("pass both rank and world_size (or neither, to read them from torchrun's environment)")
-            dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size, timeout=timeout)
+                raise GptparConfigError(
+                    "pass both rank and world_size (or neither, to read them from torchrun's environment)"
+                )
+            dist.init_process_group(
+                backend, init_method=init_method or "env://", rank=rank, world_size=world_size, timeout=timeout
+            )
         elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
@@ -269,7 +277,7 @@ def init_parallel(
 
     mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=DIM_ORDER)
     expected = layout.coords(my_rank)
-    got = dict(zip(DIM_ORDER, mesh.get_coordinate()))
+    got = dict(zip(DIM_ORDER, mesh.get_coordinate(), strict=True))
     if got != expected:  # our documented rank order must be the mesh's
         raise RuntimeError(f"rank {my_rank}: DeviceMesh coordinates {got} differ from the documented order {expected}")
     groups = {}
@@ -277,7 +285,9 @@ def init_parallel(
         ranks = layout.group_ranks(d, my_rank)
         pg = mesh.get_group(d) if len(ranks) > 1 else None
         groups[d] = Group(name=d, pg=pg, ranks=ranks, rank=expected[d], global_rank=my_rank, timeout=timeout)
-    state = ParallelState(layout=layout, rank=my_rank, device=device, backend=backend, mesh=mesh, groups=groups, seed=seed)
+    state = ParallelState(
+        layout=layout, rank=my_rank, device=device, backend=backend, mesh=mesh, groups=groups, seed=seed
+    )
     _STATE_CACHE[key] = state
     if my_rank == 0:
         logger.info("gptpar: initialised %s on %d ranks (%s)", layout, ws, backend)

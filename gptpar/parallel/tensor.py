@@ -114,13 +114,17 @@ class ColumnParallelLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             if self.chunks != 1:
-                raise GptparConfigError("gather_output with chunks > 1 would interleave blocks; gather per block instead")
+                raise GptparConfigError(
+                    "gather_output with chunks > 1 would interleave blocks; gather per block instead"
+                )
             y = comm.gather_from_region(y, self.group, dim=-1)
         return y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features} (local {self.weight.shape[0]}), "
-                f"bias={self.bias is not None}, gather_output={self.gather_output}, chunks={self.chunks}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (local {self.weight.shape[0]}), "
+            f"bias={self.bias is not None}, gather_output={self.gather_output}, chunks={self.chunks}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -169,8 +173,10 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
-                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}")
+        return (
+            f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+            f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}"
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -211,7 +217,9 @@ def load_full_(param: torch.Tensor, full: torch.Tensor, group: Group) -> None:
     dim, chunks = tp_spec(param)
     piece = shard_tensor(full.detach().to(param.device, param.dtype), dim, chunks, group.size, group.rank)
     if piece.shape != param.shape:
-        raise GptparConfigError(f"shard of shape {tuple(piece.shape)} does not fit parameter of shape {tuple(param.shape)}")
+        raise GptparConfigError(
+            f"shard of shape {tuple(piece.shape)} does not fit parameter of shape {tuple(param.shape)}"
+        )
     param.copy_(piece)
 
 
@@ -262,8 +270,12 @@ def vocab_parallel_cross_entropy(
     all-reduce SUM of (target logit, sum of exps), both ``[N]``-sized, over ``group``.
     """
     if logits.shape[:-1] != target.shape:
-        raise GptparConfigError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on leading dims")
-    flat = _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), group, ignore_index)
+        raise GptparConfigError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on leading dims"
+        )
+    flat = _VocabParallelCrossEntropy.apply(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), group, ignore_index
+    )
     return flat.view(target.shape)
 
 
