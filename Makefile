@@ -30,6 +30,7 @@ demo: install
 
 bench: install
 	$(PY) -m pytest -q bench/bench_*.py --benchmark-only -p no:cacheprovider
+	$(PY) bench/ops_bandwidth.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info gptpar/_C*.so

@@ -1,6 +1,7 @@
-"""Loads the native extension ``gptpar._C`` if it was built; says once when it is not.
+"""Loads the native extension ``gptpar._C`` if it was built; says once when it is not used.
 
-``GPTPAR_DISABLE_NATIVE=1`` forces the pure-torch reference path even when the extension exists.
+``GPTPAR_DISABLE_NATIVE=1`` (read at every dispatch) forces the pure-torch reference ops even when the
+extension exists.
 """
 
 from __future__ import annotations
@@ -10,27 +11,30 @@ import os
 
 logger = logging.getLogger("gptpar")
 
-_C = None
-_reason = None
-if os.environ.get("GPTPAR_DISABLE_NATIVE") == "1":
-    _reason = "disabled by GPTPAR_DISABLE_NATIVE=1"
-else:
-    try:
-        from gptpar import _C  # type: ignore[attr-defined,no-redef]
-    except ImportError as e:  # not built (GPTPAR_NO_EXT=1, or a source checkout without `pip install -e .`)
-        _reason = f"not built ({e})"
+try:
+    from gptpar import _C  # type: ignore[attr-defined]
+
+    _import_error = None
+except ImportError as e:  # not built (GPTPAR_NO_EXT=1, or a source checkout without `pip install -e .`)
+    _C = None
+    _import_error = f"not built ({e})"
 
 _said = False
 
 
 def native():
-    """The extension module, or None (then a single log line says why, on first use)."""
+    """The extension module, or None (then a single log line, the first time, says why)."""
     global _said
-    if _C is None and not _said:
+    disabled = os.environ.get("GPTPAR_DISABLE_NATIVE") == "1"
+    if _C is not None and not disabled:
+        return _C
+    if not _said:
         _said = True
-        logger.warning("gptpar: native extension %s; using the pure-torch reference ops", _reason)
-    return _C
+        why = "disabled by GPTPAR_DISABLE_NATIVE=1" if _C is not None else _import_error
+        logger.warning("gptpar: native extension %s; using the pure-torch reference ops", why)
+    return None
 
 
 def available() -> bool:
+    """Whether the extension was built (regardless of GPTPAR_DISABLE_NATIVE)."""
     return _C is not None

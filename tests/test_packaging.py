@@ -49,3 +49,23 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
             timeout=300,
         )
         assert out.returncode == 0, f"{cu}:\n{out.stderr}"
+
+
+def test_cuda_bindings_compile_against_this_torch(tmp_path):
+    """bindings_cuda.cpp includes no CUDA headers (streams arrive as integers), so its torch-facing code is
+    compile-checked here too, with the CUDA branch of bindings.cpp switched on."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(ROOT, 'csrc')}"]
+    procs = {
+        src: subprocess.Popen(
+            ["c++", "-std=c++20", "-fsyntax-only", "-DGPTPAR_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", *incs, os.path.join(ROOT, src)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for src in ("csrc/cuda/bindings_cuda.cpp", "csrc/bindings.cpp")
+    }  # both at once: each takes ~15 s of torch headers
+    for src, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{src}:\n{err[-3000:]}"

@@ -1,6 +1,24 @@
-"""Fused ops. Each op has a pure-torch ``reference_*`` (always available, the ground truth) and fast paths
+"""Fused ops. Each has a pure-torch ``reference_*`` (always available, the ground truth) and fast paths
 (native C++/CUDA in ``gptpar._C``, Triton in ``gptpar.kernels``); the plain-named entry dispatches."""
 
-from gptpar.ops.grad import reference_unscale_check_, unscale_check_
+from gptpar.ops.grad import (
+    adamw_step_,
+    pack_cast,
+    reference_adamw_step_,
+    reference_pack_cast,
+    reference_unpack_accumulate,
+    reference_unscale_check_,
+    unpack_accumulate,
+    unscale_check_,
+)
 
-__all__ = ["unscale_check_", "reference_unscale_check_"]
+__all__ = [
+    "adamw_step_",
+    "pack_cast",
+    "reference_adamw_step_",
+    "reference_pack_cast",
+    "reference_unpack_accumulate",
+    "reference_unscale_check_",
+    "unpack_accumulate",
+    "unscale_check_",
+]
