@@ -74,28 +74,67 @@ def main() -> None:
         tf, ts = timeit(fast, dev), timeit(slow, dev)
         gbs = nbytes / tf / 1e9
         rows.append(
-            {"op": name, "native_ms": tf * 1e3, "torch_ms": ts * 1e3, "native_GBps": gbs, "speedup_vs_torch": ts / tf,
-             "fraction_of_copy_bw": gbs / copy_gbs}
+            {
+                "op": name,
+                "native_ms": tf * 1e3,
+                "torch_ms": ts * 1e3,
+                "native_GBps": gbs,
+                "speedup_vs_torch": ts / tf,
+                "fraction_of_copy_bw": gbs / copy_gbs,
+            }
         )
 
-    row("pack_cast fp32->bf16", 6 * n, lambda: pack_cast(grads, 0.5, out=out16), lambda: reference_pack_cast(grads, 0.5, out16))
-    row("unpack_accumulate bf16->fp32", 10 * n, lambda: unpack_accumulate(flat16, grads, 1e-3),
-        lambda: reference_unpack_accumulate(flat16, grads, 1e-3))
-    row("unscale_check fp32", 8 * n, lambda: unscale_check_(grads, 1.0, found), lambda: reference_unscale_check_(grads, 1.0, found))
+    row(
+        "pack_cast fp32->bf16",
+        6 * n,
+        lambda: pack_cast(grads, 0.5, out=out16),
+        lambda: reference_pack_cast(grads, 0.5, out16),
+    )
+    row(
+        "unpack_accumulate bf16->fp32",
+        10 * n,
+        lambda: unpack_accumulate(flat16, grads, 1e-3),
+        lambda: reference_unpack_accumulate(flat16, grads, 1e-3),
+    )
+    row(
+        "unscale_check fp32",
+        8 * n,
+        lambda: unscale_check_(grads, 1.0, found),
+        lambda: reference_unscale_check_(grads, 1.0, found),
+    )
     kw = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, step=10)
-    row("adamw_step fp32", 28 * n, lambda: adamw_step_(p, flat32, m, v, **kw), lambda: reference_adamw_step_(p, flat32, m, v, **kw))
+    row(
+        "adamw_step fp32",
+        28 * n,
+        lambda: adamw_step_(p, flat32, m, v, **kw),
+        lambda: reference_adamw_step_(p, flat32, m, v, **kw),
+    )
 
-    print(f"device={dev} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), numel={n:,}, "
-          f"torch {torch.__version__}; copy bandwidth {copy_gbs:.1f} GB/s")
+    print(
+        f"device={dev} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), numel={n:,}, "
+        f"torch {torch.__version__}; copy bandwidth {copy_gbs:.1f} GB/s"
+    )
     print(f"{'op':32s} {'native ms':>10s} {'torch ms':>10s} {'GB/s':>8s} {'x torch':>8s} {'of copy':>8s}")
     for r in rows:
-        print(f"{r['op']:32s} {r['native_ms']:10.2f} {r['torch_ms']:10.2f} {r['native_GBps']:8.1f} "
-              f"{r['speedup_vs_torch']:7.2f}x {100 * r['fraction_of_copy_bw']:7.0f}%")
+        print(
+            f"{r['op']:32s} {r['native_ms']:10.2f} {r['torch_ms']:10.2f} {r['native_GBps']:8.1f} "
+            f"{r['speedup_vs_torch']:7.2f}x {100 * r['fraction_of_copy_bw']:7.0f}%"
+        )
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"ops_{dev}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"device": dev, "numel": n, "torch": torch.__version__, "copy_GBps": copy_gbs, "rows": rows,
-                   "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+        json.dump(
+            {
+                "device": dev,
+                "numel": n,
+                "torch": torch.__version__,
+                "copy_GBps": copy_gbs,
+                "rows": rows,
+                "date": time.strftime("%Y-%m-%d"),
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def _native_only():
 def _tensors(sizes, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     # Wide dynamic range so casts round in every direction; never zero.
-    return [(torch.randn(n, generator=g) * 10 ** torch.randint(-3, 4, (1,), generator=g).item()).to(dtype) for n in sizes]
+    return [
+        (torch.randn(n, generator=g) * 10 ** torch.randint(-3, 4, (1,), generator=g).item()).to(dtype) for n in sizes
+    ]
 
 
 def _bits(t):

@@ -58,11 +58,24 @@ def test_cuda_bindings_compile_against_this_torch(tmp_path):
 
     from torch.utils.cpp_extension import include_paths
 
-    incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(ROOT, 'csrc')}"]
+    incs = [f"-I{p}" for p in include_paths()] + [
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{os.path.join(ROOT, 'csrc')}",
+    ]
     procs = {
         src: subprocess.Popen(
-            ["c++", "-std=c++20", "-fsyntax-only", "-DGPTPAR_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", *incs, os.path.join(ROOT, src)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                "c++",
+                "-std=c++20",
+                "-fsyntax-only",
+                "-DGPTPAR_WITH_CUDA",
+                "-DTORCH_EXTENSION_NAME=_C",
+                *incs,
+                os.path.join(ROOT, src),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for src in ("csrc/cuda/bindings_cuda.cpp", "csrc/bindings.cpp")
     }  # both at once: each takes ~15 s of torch headers

@@ -41,7 +41,11 @@ def _native_ok(ext, tensors: Sequence[torch.Tensor]) -> bool:
 def reference_pack_cast(
     tensors: Sequence[torch.Tensor], scale: float, out: torch.Tensor, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    value = torch.cat([t.reshape(-1) for t in tensors]).float() * scale if tensors else out.new_zeros(0, dtype=torch.float32)
+    value = (
+        torch.cat([t.reshape(-1) for t in tensors]).float() * scale
+        if tensors
+        else out.new_zeros(0, dtype=torch.float32)
+    )
     if residual is not None:
         value = value + residual
     out.copy_(value.to(out.dtype))
@@ -86,7 +90,9 @@ def reference_unpack_accumulate(flat: torch.Tensor, dests: Sequence[torch.Tensor
 def unpack_accumulate(flat: torch.Tensor, dests: Sequence[torch.Tensor], scale: float = 1.0) -> None:
     """``dests[i] += float(flat[slice i]) * scale`` for fp32 ``dests`` (e.g. master gradients), one pass."""
     if flat.numel() != sum(d.numel() for d in dests):
-        raise ValueError(f"unpack_accumulate: flat has {flat.numel()} elements, destinations {sum(d.numel() for d in dests)}")
+        raise ValueError(
+            f"unpack_accumulate: flat has {flat.numel()} elements, destinations {sum(d.numel() for d in dests)}"
+        )
     ext = native()
     if all(d.dtype == torch.float32 for d in dests) and _native_ok(ext, [flat, *dests]):
         ext.unpack_accumulate(flat, list(dests), float(scale), _stream(flat))
@@ -164,9 +170,33 @@ def adamw_step_(
         raise ValueError(f"adamw_step_: step={step} must be >= 1 (the number of this update)")
     bufs = [param, grad, exp_avg, exp_avg_sq]
     ext = native()
-    if all(b.dtype == torch.float32 for b in bufs) and _native_ok(ext, bufs + ([param_lowp] if param_lowp is not None else [])):
-        ext.adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, betas[0], betas[1], eps, weight_decay, step, param_lowp, _stream(param))
+    if all(b.dtype == torch.float32 for b in bufs) and _native_ok(
+        ext, bufs + ([param_lowp] if param_lowp is not None else [])
+    ):
+        ext.adamw_step_(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            lr,
+            betas[0],
+            betas[1],
+            eps,
+            weight_decay,
+            step,
+            param_lowp,
+            _stream(param),
+        )
         return
     reference_adamw_step_(
-        param, grad, exp_avg, exp_avg_sq, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=step, param_lowp=param_lowp
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=step,
+        param_lowp=param_lowp,
     )
