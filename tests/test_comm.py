@@ -74,3 +74,19 @@ def test_size_one_group_is_identity_without_communication():
     x = torch.randn(3, 4, requires_grad=True)
     for f in (comm.copy_to_region, comm.reduce_from_region, comm.gather_along_seq, comm.reduce_scatter_along_seq):
         assert f(x, st.tp) is x
+
+
+def _traffic():
+    st = init_parallel(ParallelLayout(tp=2))
+    with comm.count_traffic() as t:
+        comm.all_reduce(torch.ones(100), st.tp)  # 2 * 1/2 * 400 bytes
+        comm.all_gather(torch.ones(10), st.tp)  # 1 * 40
+        buf, h = comm.ring_shift(torch.full((5,), float(st.rank)), st.tp)
+        h.wait()
+    return dict(t), buf
+
+
+def test_ring_shift_and_traffic_counter():
+    for rank, (t, buf) in enumerate(run_distributed(_traffic, 2)):
+        assert t == {"all_reduce": 400, "all_gather": 40, "ring_shift": 20}
+        assert torch.equal(buf, torch.full((5,), float(1 - rank)))

@@ -5,12 +5,10 @@ import pytest
 import torch
 
 from gptpar import GPT, GPTConfig, GptparConfigError, ParallelGPT, ParallelLayout, init_parallel
-from gptpar.models import gather_grads, gather_state_dict, shard_state_dict
-from gptpar.parallel import comm
+from gptpar.models import gather_state_dict, shard_state_dict
 from gptpar.parallel.random import TPRngTracker
 from gptpar.testing import run_distributed
-
-TOL = dict(rtol=1e-5, atol=1e-6)
+from gpt_helpers import TOL, assert_matches_reference, batch, train_parallel, train_reference
 
 CONFIGS = {
     "gelu-layernorm-tied": GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32),
@@ -29,84 +27,19 @@ CONFIGS = {
 }
 
 
-def _batch(config, seed=0, b=3):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, config.vocab_size, (b, config.seq_len), generator=g)
-    tgt = torch.randint(0, config.vocab_size, (b, config.seq_len), generator=g)
-    return idx, tgt
-
-
-def _optimizer(model):
-    # SGD with momentum, not Adam: Adam's first steps normalise each gradient to about +-lr, so a gradient
-    # near eps (1e-8) turns a 1e-12 rounding difference into a visible weight difference. The comparison
-    # is of the parallel model's gradients and updates, which SGD passes through linearly.
-    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
-
-
-def _train_tp(config, tp, steps):
-    st = init_parallel(ParallelLayout(tp=tp))
-    model = ParallelGPT(config, st)
-    opt = _optimizer(model)
-    out = []
-    for step in range(steps):
-        idx, tgt = _batch(config, seed=step)
-        logits, loss = model(idx, tgt)
-        loss.backward()
-        full_logits = comm.all_gather(logits.detach(), st.tp, dim=-1)
-        out.append({"logits": full_logits, "loss": loss.detach(), "grads": gather_grads(model, st.tp)})
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return out, gather_state_dict(model, st.tp)
-
-
-def _train_ref(config, steps):
-    model = GPT(config)
-    opt = _optimizer(model)
-    out = []
-    for step in range(steps):
-        idx, tgt = _batch(config, seed=step)
-        logits, loss = model(idx, tgt)
-        loss.backward()
-        out.append(
-            {
-                "logits": logits.detach(),
-                "loss": loss.detach(),
-                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-            }
-        )
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return out, model.state_dict()
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_tp_gpt_matches_reference(name, tp):
     config = CONFIGS[name]
-    ref_steps, ref_sd = _train_ref(config, steps=2)
-    results = run_distributed(_train_tp, tp, config, tp, 2)
-    for rank, (steps, sd) in enumerate(results):
-        for s, (got, want) in enumerate(zip(steps, ref_steps, strict=True)):
-            where = f"tp={tp} rank {rank} step {s}"
-            _close(got["loss"], want["loss"], f"{where} loss")
-            _close(got["logits"], want["logits"], f"{where} logits")
-            assert got["grads"].keys() == want["grads"].keys()
-            for n in want["grads"]:
-                _close(got["grads"][n], want["grads"][n], f"{where} grad {n}")
-        assert sd.keys() == ref_sd.keys()
-        for n in ref_sd:  # weights after two optimizer steps
-            _close(sd[n], ref_sd[n], f"tp={tp} rank {rank} weight {n}")
-
-
-def _close(got, want, where):
-    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{where}: {m}")
+    results = run_distributed(train_parallel, tp, config, ParallelLayout(tp=tp), 2)
+    assert_matches_reference(results, train_reference(config, steps=2), f"tp={tp}")
 
 
 def _load_reference_weights(config, full_sd):
     st = init_parallel(ParallelLayout(tp=2))
     model = ParallelGPT(config, st, seed=999)  # deliberately different init, then overwritten
     model.load_state_dict(shard_state_dict(full_sd, model, st.tp))
-    idx, tgt = _batch(config, seed=5)
+    idx, tgt = batch(config, seed=5)
     _, loss = model(idx, tgt)
     back = gather_state_dict(model, st.tp)
     return loss.detach(), all(torch.equal(back[k], full_sd[k]) for k in full_sd)
@@ -115,7 +48,7 @@ def _load_reference_weights(config, full_sd):
 def test_shard_and_gather_state_dict_roundtrip():
     config = CONFIGS["swiglu-rmsnorm-untied-nobias"]
     ref = GPT(config, seed=7)
-    idx, tgt = _batch(config, seed=5)
+    idx, tgt = batch(config, seed=5)
     _, want = ref(idx, tgt)
     for loss, roundtrip in run_distributed(_load_reference_weights, 2, config, ref.state_dict()):
         torch.testing.assert_close(loss, want.detach(), **TOL)
@@ -129,7 +62,7 @@ def _dropout_replicated_region():
     model = ParallelGPT(config, st).train()
     seen = {}
     model.ln_f.register_forward_pre_hook(lambda m, args: seen.update(resid=args[0].detach().clone()))
-    idx, tgt = _batch(config)
+    idx, tgt = batch(config)
     _, loss = model(idx, tgt)
     loss.backward()
     return seen["resid"], loss.detach(), bool(torch.isfinite(model.blocks[0].attn.qkv.weight.grad).all())
@@ -140,7 +73,7 @@ def test_dropout_masks_agree_across_tp_in_replicated_region():
     assert torch.equal(r0, r1), "replicated residual stream diverged across tp ranks under dropout"
     assert torch.equal(l0, l1) and ok0 is True and ok1 is True
     ref = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32, dropout=0.3)).eval()
-    idx, tgt = _batch(ref.config)
+    idx, tgt = batch(ref.config)
     _, eval_loss = ref(idx, tgt)
     assert not torch.isclose(l0, eval_loss.detach())  # dropout was really applied
 
@@ -162,7 +95,7 @@ def test_tp_rng_tracker_leaves_default_stream_untouched():
 def test_reference_gpt_basics():
     config = CONFIGS["gelu-layernorm-tied"]
     model = GPT(config)
-    idx, tgt = _batch(config)
+    idx, tgt = batch(config)
     logits, loss = model(idx, tgt)
     assert logits.shape == (3, 16, 64)
     assert abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5  # near-uniform at init

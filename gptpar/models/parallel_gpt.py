@@ -1,27 +1,35 @@
-"""The tensor-parallel GPT, built from the same :class:`GPTConfig` as the reference and with the same
-parameter names, so a reference state dict shards into it and gathers back out of it.
+"""The parallel GPT (tensor, sequence and context parallel), built from the same :class:`GPTConfig` as
+the reference and with the same parameter names, so a reference state dict shards into it and gathers
+back out of it.
 
-Shapes: ``idx [b, s]`` -> ``logits [b, s, V/tp]`` (this rank's vocab slice; the loss never gathers them).
-The residual stream is ``[s, b, h]`` (sequence first, as Megatron, so sequence parallelism splits dim 0).
-Per layer, forward: two all-reduces over tp (after the attention and MLP row-parallel projections);
-backward: two more (the column-parallel inputs' gradients). The embedding adds one all-reduce, the loss
-two small ``[b*s]`` ones.
+Shapes: ``idx [b, s]`` -> ``logits [b, s/cp, V/tp]`` (this rank's tokens and vocab slice; the loss never
+gathers them). The residual stream is ``[s/cp, b, h]``, or ``[s/(cp*tp), b, h]`` with sequence parallelism
+(sequence first, as Megatron, so SP splits dim 0).
+Per layer, forward: two all-reduces over tp (after the attention and MLP row-parallel projections), or
+with SP two all-gathers + two reduce-scatters of the same total volume; backward: the mirror images.
+With cp: ring attention's K/V shifts (or Ulysses' all-to-alls) inside each attention.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptpar.errors import GptparConfigError
 from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm, mlp_activation
+from gptpar.ops.attention import attention
 from gptpar.parallel import comm
+from gptpar.parallel.context import SeqShard, ring_attention, seq_shards, ulysses_attention
 from gptpar.parallel.mesh import Group, ParallelState
 from gptpar.parallel.random import TPRngTracker
 from gptpar.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    mark_sequence_parallel,
     shard_tensor,
     tp_spec,
     unshard_tensor,
@@ -29,42 +37,73 @@ from gptpar.parallel.tensor import (
 )
 
 
-class ParallelSelfAttention(nn.Module):
-    """Causal self-attention over this rank's ``n_head/tp`` heads. ``[s, b, h] -> [s, b, h]``."""
+CP_IMPLS = ("ring", "ulysses")
 
-    def __init__(self, config: GPTConfig, group: Group, rng: TPRngTracker | None = None) -> None:
+
+class ParallelSelfAttention(nn.Module):
+    """Causal self-attention over this rank's ``n_head/tp`` heads and, with cp, its share of the tokens.
+
+    ``[s', b, h] -> [s', b, h]`` where ``s'`` is this rank's tokens (``s/cp``, and ``/tp`` again with
+    sequence parallelism).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        state: ParallelState,
+        rng: TPRngTracker | None = None,
+        sequence_parallel: bool = False,
+        cp_impl: str = "ring",
+    ) -> None:
         super().__init__()
-        self.config, self.group, self.rng = config, group, rng
+        group = state.tp
+        self.config, self.group, self.cp, self.rng, self.cp_impl = config, group, state.cp, rng, cp_impl
         self.local_heads = config.n_head // group.size
-        self.qkv = ColumnParallelLinear(config.d_model, 3 * config.d_model, bias=config.bias, group=group, chunks=3)
-        self.proj = RowParallelLinear(config.d_model, config.d_model, bias=config.bias, group=group)
+        self.shards: list[SeqShard] | None = None  # set by ParallelGPT.forward for the current sequence
+        sp = sequence_parallel
+        self.qkv = ColumnParallelLinear(
+            config.d_model, 3 * config.d_model, bias=config.bias, group=group, chunks=3, sequence_parallel=sp
+        )
+        self.proj = RowParallelLinear(
+            config.d_model, config.d_model, bias=config.bias, group=group, sequence_parallel=sp
+        )
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, b, _ = x.shape
-        nh, hd = self.local_heads, self.config.head_dim
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (t.view(s, b, nh, hd).permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, hd]
+    def _core(self, q, k, v):
         p = self.config.dropout if self.training else 0.0
-        if p > 0.0 and self.rng is not None:
-            with self.rng.fork():  # each tp rank drops its own heads' probabilities independently
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        y = y.permute(2, 0, 1, 3).reshape(s, b, nh * hd)
+        if self.cp.size > 1:
+            if self.cp_impl == "ulysses":
+                return ulysses_attention(q, k, v, self.cp, self.shards, causal=True)
+            return ring_attention(q, k, v, self.cp, self.shards, causal=True)[0]
+        if p > 0.0:  # attention dropout: SDPA, on this tp rank's own RNG stream (its heads' masks are its own)
+            with self.rng.fork() if self.rng is not None else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return attention(q, k, v, causal=True)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)
+        s, b = qkv.shape[:2]
+        nh, hd = self.local_heads, self.config.head_dim
+        q, k, v = (t.view(s, b, nh, hd).permute(1, 2, 0, 3) for t in qkv.chunk(3, dim=-1))  # [b, nh, s, hd]
+        y = self._core(q, k, v).permute(2, 0, 1, 3).reshape(s, b, nh * hd)
         return self.resid_drop(self.proj(y))
 
 
 class ParallelMLP(nn.Module):
-    """Column-parallel fc (gate|up blocks for SwiGLU), activation, row-parallel proj. ``[s, b, h] -> [s, b, h]``."""
+    """Column-parallel fc (gate|up blocks for SwiGLU), activation, row-parallel proj. ``[s', b, h] -> [s', b, h]``."""
 
-    def __init__(self, config: GPTConfig, group: Group) -> None:
+    def __init__(self, config: GPTConfig, group: Group, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.config = config
         swiglu = config.activation == "swiglu"
         fc_out = 2 * config.ffn_hidden if swiglu else config.ffn_hidden
-        self.fc = ColumnParallelLinear(config.d_model, fc_out, bias=config.bias, group=group, chunks=2 if swiglu else 1)
-        self.proj = RowParallelLinear(config.ffn_hidden, config.d_model, bias=config.bias, group=group)
+        sp = sequence_parallel
+        self.fc = ColumnParallelLinear(
+            config.d_model, fc_out, bias=config.bias, group=group, chunks=2 if swiglu else 1, sequence_parallel=sp
+        )
+        self.proj = RowParallelLinear(
+            config.ffn_hidden, config.d_model, bias=config.bias, group=group, sequence_parallel=sp
+        )
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +111,19 @@ class ParallelMLP(nn.Module):
 
 
 class ParallelBlock(nn.Module):
-    def __init__(self, config: GPTConfig, group: Group, rng: TPRngTracker | None = None) -> None:
+    def __init__(
+        self,
+        config: GPTConfig,
+        state: ParallelState,
+        rng: TPRngTracker | None = None,
+        sequence_parallel: bool = False,
+        cp_impl: str = "ring",
+    ) -> None:
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = ParallelSelfAttention(config, group, rng)
+        self.attn = ParallelSelfAttention(config, state, rng, sequence_parallel, cp_impl)
         self.ln_2 = make_norm(config)
-        self.mlp = ParallelMLP(config, group)
+        self.mlp = ParallelMLP(config, state.tp, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -85,42 +131,105 @@ class ParallelBlock(nn.Module):
 
 
 class ParallelGPT(nn.Module):
-    """Tensor-parallel GPT over ``state.tp``.
+    """GPT split over ``state.tp`` (tensor parallel) and ``state.cp`` (context parallel).
 
-    ``forward(idx [b, s], targets [b, s] | None) -> (logits [b, s, V/tp], mean loss | None)``. The loss is
-    the same scalar on every tp rank and equals the reference model's.
+    ``forward(idx [b, s], targets [b, s] | None) -> (logits [b, s/cp, V/tp], mean loss | None)``: ``idx``
+    is the whole sequence (the same on every tp and cp rank); each cp rank keeps its shard's tokens
+    (:meth:`local_positions`) and returns their logits for this rank's vocab slice. The loss is the global
+    mean over all tokens, the same scalar on every rank, equal to the reference model's.
+
+    Options: ``sequence_parallel`` (Megatron SP: norms, dropout and residuals hold ``[s/tp, b, h]``);
+    ``cp_impl`` ``"ring"`` or ``"ulysses"``; ``cp_sharding`` ``"zigzag"`` or ``"contiguous"``.
+    With cp > 1, every parameter's gradient is partial per cp rank: sum it over cp (and dp) after
+    backward, e.g. with :func:`gptpar.parallel.data.allreduce_gradients`.
     """
 
-    def __init__(self, config: GPTConfig, state: ParallelState, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        config: GPTConfig,
+        state: ParallelState,
+        seed: int | None = None,
+        *,
+        sequence_parallel: bool = False,
+        cp_impl: str = "ring",
+        cp_sharding: str = "zigzag",
+    ) -> None:
         super().__init__()
         state.layout.validate_model(config)
-        self.config, self.state = config, state
-        tp = state.tp
-        self.tp = tp
+        if cp_impl not in CP_IMPLS:
+            raise GptparConfigError(f"cp_impl={cp_impl!r} is unknown; expected one of {CP_IMPLS}")
+        tp, cp = state.tp, state.cp
+        if cp.size > 1 and config.dropout > 0:
+            raise GptparConfigError(
+                f"dropout={config.dropout} with cp={cp.size}: attention dropout is not supported under context "
+                "parallelism (ring/Ulysses attention never materialises the probabilities); set dropout=0"
+            )
+        if cp.size > 1 and cp_impl == "ulysses" and (config.n_head // tp.size) % cp.size:
+            raise GptparConfigError(
+                f"Ulysses needs the heads per tp rank (n_head/tp = {config.n_head}/{tp.size}) divisible by cp={cp.size}"
+            )
+        seq_shards(config.seq_len, cp.size, cp_sharding, tp.size if sequence_parallel else 1)  # validates now
+        self.config, self.state, self.tp, self.cp = config, state, tp, cp
+        self.sequence_parallel = sequence_parallel and tp.size > 1
+        self.cp_sharding = cp_sharding
         seed = state.seed_for("params") if seed is None else seed
-        rng = TPRngTracker(state.seed_for("tp_local"), state.device) if config.dropout > 0 else None
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp)
+        self.rng = TPRngTracker(state.seed_for("tp_local"), state.device) if config.dropout > 0 else None
+        sp = self.sequence_parallel
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp, sequence_parallel=sp)
         self.wpe = nn.Embedding(config.seq_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(ParallelBlock(config, tp, rng) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(ParallelBlock(config, state, self.rng, sp, cp_impl) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = ColumnParallelLinear(config.d_model, config.vocab_size, bias=False, group=tp)
+        self.lm_head = ColumnParallelLinear(
+            config.d_model, config.vocab_size, bias=False, group=tp, sequence_parallel=sp
+        )
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # both [V/tp, h], split the same way
         init_gpt_weights(self, config, seed, tp.size, tp.rank)
+        if sp:  # parameters used on this rank's tokens only: all-reduce their gradients over tp
+            mark_sequence_parallel(self.wpe.weight, tp)
+            for m in self.modules():
+                if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                    for prm in m.parameters():
+                        mark_sequence_parallel(prm, tp)
         self.to(state.device)
+
+    def local_positions(self, seq_len: int) -> torch.Tensor:
+        """Global positions of the tokens this cp rank holds, in local order."""
+        return self._shards(seq_len)[self.cp.rank].positions()
+
+    def _shards(self, seq_len: int) -> list[SeqShard]:
+        return seq_shards(seq_len, self.cp.size, self.cp_sharding, self.tp.size if self.sequence_parallel else 1)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
         check_sequence(idx, self.config)
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos)).transpose(0, 1)  # [s, b, h]
+        shards = self._shards(idx.shape[1])
+        for block in self.blocks:
+            block.attn.shards = shards
+        pos = shards[self.cp.rank].positions(idx.device)
+        if self.cp.size > 1:
+            idx = idx.index_select(1, pos)
+            targets = targets.index_select(1, pos) if targets is not None else None
+        x = self.wte(idx.t())  # [s', b, h]; reduce-scattered along s with SP
+        if self.sequence_parallel:
+            n = x.shape[0]
+            pos = pos[self.tp.rank * n : (self.tp.rank + 1) * n]
+        x = x + self.wpe(pos).unsqueeze(1)
+        if self.sequence_parallel and self.rng is not None and self.training:
+            with self.rng.fork():  # each tp rank holds different tokens: their dropout masks are its own
+                x = self.drop(x)
+        else:
+            x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x)).transpose(0, 1)  # [b, s, V/tp]
+        logits = self.lm_head(self.ln_f(x)).transpose(0, 1)  # [b, s/cp, V/tp]
         loss = None
         if targets is not None:
             per_token = vocab_parallel_cross_entropy(logits, targets, self.tp, ignore_index)
-            loss = per_token.sum() / (targets != ignore_index).sum().clamp(min=1)
+            count = (targets != ignore_index).sum().to(per_token.dtype)
+            total = comm.reduce_from_region(per_token.sum(), self.cp)  # global sum; gradient 1 per rank
+            count = comm.all_reduce(count.clone(), self.cp)
+            loss = total / count.clamp(min=1)
         return logits, loss
 
 

@@ -1,6 +1,7 @@
 """Fused ops. Each has a pure-torch ``reference_*`` (always available, the ground truth) and fast paths
 (native C++/CUDA in ``gptpar._C``, Triton in ``gptpar.kernels``); the plain-named entry dispatches."""
 
+from gptpar.ops.attention import attention, reference_attention_backward, reference_attention_forward
 from gptpar.ops.grad import (
     adamw_step_,
     pack_cast,
@@ -14,8 +15,11 @@ from gptpar.ops.grad import (
 
 __all__ = [
     "adamw_step_",
+    "attention",
     "pack_cast",
     "reference_adamw_step_",
+    "reference_attention_backward",
+    "reference_attention_forward",
     "reference_pack_cast",
     "reference_unpack_accumulate",
     "reference_unscale_check_",

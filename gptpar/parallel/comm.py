@@ -21,6 +21,8 @@ Two layers:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -28,6 +30,41 @@ from gptpar.errors import CollectiveTimeoutError, GptparConfigError
 from gptpar.parallel.mesh import Group
 
 ReduceOp = dist.ReduceOp
+
+# torch >= 2.13 renamed the tensor-in/tensor-out collectives; older releases (the GPU image's 2.11) have
+# only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+_traffic: dict[str, int] | None = None
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Count the bytes this rank sends, by operation, inside the block: ``with count_traffic() as t: ...``.
+
+    Collectives are counted as their bandwidth-optimal ring algorithms send (all-reduce ``2(p-1)/p n``,
+    all-gather ``(p-1) n_in``, reduce-scatter and all-to-all ``(p-1)/p n``); point-to-point exactly.
+    """
+    global _traffic
+    outer, _traffic = _traffic, {}
+    try:
+        yield _traffic
+    finally:
+        inner, _traffic = _traffic, outer
+        if outer is not None:
+            for k, v in inner.items():
+                outer[k] = outer.get(k, 0) + v
+
+
+def _count(op: str, nbytes: float) -> None:
+    if _traffic is not None:
+        _traffic[op] = _traffic.get(op, 0) + int(nbytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _wait(work, op: str, group: Group) -> None:
@@ -53,6 +90,7 @@ def all_reduce(tensor: torch.Tensor, group: Group, op=ReduceOp.SUM) -> torch.Ten
     """In-place all-reduce over ``group``; returns ``tensor``."""
     if group.size == 1:
         return tensor
+    _count("all_reduce", 2 * (group.size - 1) / group.size * _nbytes(tensor))
     _wait(dist.all_reduce(tensor, op=op, group=group.pg, async_op=True), "all_reduce", group)
     return tensor
 
@@ -61,6 +99,7 @@ def broadcast(tensor: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
     """In-place broadcast from group-local rank ``src``; returns ``tensor``."""
     if group.size == 1:
         return tensor
+    _count("broadcast", _nbytes(tensor))
     _wait(dist.broadcast(tensor, src=group.ranks[src], group=group.pg, async_op=True), "broadcast", group)
     return tensor
 
@@ -71,7 +110,8 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor
         return tensor
     x = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((group.size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _wait(dist.all_gather_into_tensor(out, x, group=group.pg, async_op=True), "all_gather", group)
+    _count("all_gather", (group.size - 1) * _nbytes(x))
+    _wait(_all_gather_single(out, x, group=group.pg, async_op=True), "all_gather", group)
     return out.movedim(0, dim)
 
 
@@ -85,8 +125,71 @@ def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int = 0) -> torch.Te
         )
     x = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // group.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _wait(dist.reduce_scatter_tensor(out, x, group=group.pg, async_op=True), "reduce_scatter", group)
+    _count("reduce_scatter", (group.size - 1) / group.size * _nbytes(x))
+    _wait(_reduce_scatter_single(out, x, group=group.pg, async_op=True), "reduce_scatter", group)
     return out.movedim(0, dim)
+
+
+class P2PHandle:
+    """Pending point-to-point operations; :meth:`wait` bounds the wait by the group's timeout."""
+
+    def __init__(self, works: list, op: str, group: Group) -> None:
+        self.works, self.op, self.group = works, op, group
+
+    def wait(self) -> None:
+        for w in self.works:
+            _wait(w, self.op, self.group)
+        self.works = []
+
+
+def ring_shift(tensor: torch.Tensor, group: Group, tag: int = 0) -> tuple[torch.Tensor, P2PHandle]:
+    """Start sending ``tensor`` to the next rank of ``group`` and receiving the previous rank's into a new
+    buffer (same shape/dtype). Returns ``(buffer, handle)``: compute on, then ``handle.wait()`` before
+    reading the buffer. Both directions are posted together (no ordering deadlock)."""
+    buf = torch.empty_like(tensor)
+    if group.size == 1:
+        buf.copy_(tensor)
+        return buf, P2PHandle([], "ring_shift", group)
+    nxt = group.ranks[(group.rank + 1) % group.size]
+    prv = group.ranks[(group.rank - 1) % group.size]
+    _count("ring_shift", _nbytes(tensor))
+    ops = [
+        dist.P2POp(dist.isend, tensor.contiguous(), nxt, group=group.pg, tag=tag),
+        dist.P2POp(dist.irecv, buf, prv, group=group.pg, tag=tag),
+    ]
+    return buf, P2PHandle(dist.batch_isend_irecv(ops), "ring_shift (send/recv)", group)
+
+
+def all_to_all(x: torch.Tensor, group: Group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split ``x`` into ``size`` chunks along ``scatter_dim``, send chunk j to rank j, and concatenate the
+    chunks received along ``gather_dim`` (rank order). E.g. Ulysses: ``[b, h, s/p, d] -> [b, h/p, s, d]``."""
+    if group.size == 1:
+        return x
+    if x.shape[scatter_dim] % group.size:
+        raise GptparConfigError(
+            f"all_to_all on group '{group.name}': dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by {group.size}"
+        )
+    send = torch.stack(x.chunk(group.size, dim=scatter_dim)).contiguous()  # [p, ...chunk]
+    recv = torch.empty_like(send)
+    _count("all_to_all", (group.size - 1) / group.size * _nbytes(send))
+    _wait(dist.all_to_all_single(recv, send, group=group.pg, async_op=True), "all_to_all", group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.args = (group, gather_dim, scatter_dim)
+        return all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_to_all(grad, *ctx.args), None, None, None
+
+
+def all_to_all_region(x: torch.Tensor, group: Group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Differentiable :func:`all_to_all`; its backward is the inverse all-to-all."""
+    return x if group.size == 1 else _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
 def split_along(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:

@@ -67,6 +67,8 @@ class ColumnParallelLinear(nn.Module):
 
     In ``[..., in]`` (replicated), out ``[..., out/tp]`` or, with ``gather_output``, ``[..., out]``.
     Collectives: backward all-reduce of the input gradient (``copy_to_region``); all-gather if ``gather_output``.
+    With ``sequence_parallel`` the input is ``[s/tp, b, in]`` and is all-gathered along the sequence first
+    (backward: reduce-scatter), replacing the all-reduce.
     ``chunks``: the output holds that many logical blocks (fused q/k/v = 3, fused gate/up = 2), each split
     separately across tp.
     """
@@ -80,10 +82,13 @@ class ColumnParallelLinear(nn.Module):
         group: Group,
         gather_output: bool = False,
         chunks: int = 1,
+        sequence_parallel: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if sequence_parallel and gather_output:
+            raise GptparConfigError("ColumnParallelLinear: gather_output and sequence_parallel cannot be combined")
         if out_features % chunks:
             raise GptparConfigError(f"out_features={out_features} is not divisible by chunks={chunks}")
         if (out_features // chunks) % group.size:
@@ -93,6 +98,7 @@ class ColumnParallelLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.group, self.gather_output, self.chunks = group, gather_output, chunks
+        self.sequence_parallel = sequence_parallel
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features // group.size, in_features, **factory))
         set_tp_spec(self.weight, 0, chunks)
@@ -110,7 +116,10 @@ class ColumnParallelLinear(nn.Module):
             load_full_(self.bias, full.bias, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = comm.copy_to_region(x, self.group)
+        if self.sequence_parallel:  # [s/tp, b, in] -> [s, b, in]; backward reduce-scatters
+            x = comm.gather_along_seq(x, self.group)
+        else:
+            x = comm.copy_to_region(x, self.group)
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             if self.chunks != 1:
@@ -132,7 +141,8 @@ class RowParallelLinear(nn.Module):
 
     In ``[..., in/tp]`` (``input_is_parallel``) or ``[..., in]`` (then split locally), out ``[..., out]``.
     Collectives: forward all-reduce of the output (``reduce_from_region``); the bias is replicated and
-    added once, after the reduction.
+    added once, after the reduction. With ``sequence_parallel`` the output is reduce-scattered along the
+    sequence to ``[s/tp, b, out]`` instead (backward: all-gather).
     """
 
     def __init__(
@@ -143,19 +153,25 @@ class RowParallelLinear(nn.Module):
         *,
         group: Group,
         input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise GptparConfigError("RowParallelLinear: sequence_parallel requires input_is_parallel=True")
         local_in = _check_divisible("in_features", in_features, group)
         self.in_features, self.out_features = in_features, out_features
         self.group, self.input_is_parallel = group, input_is_parallel
+        self.sequence_parallel = sequence_parallel
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, local_in, **factory))
         set_tp_spec(self.weight, 1)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
             set_tp_spec(self.bias, None)
+            if sequence_parallel:  # added to this rank's tokens only: its gradient is partial
+                mark_sequence_parallel(self.bias, group)
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -169,7 +185,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = comm.scatter_to_region(x, self.group, dim=-1)
-        y = comm.reduce_from_region(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:  # [s, b, out] partial sums -> [s/tp, b, out]
+            y = comm.reduce_scatter_along_seq(y, self.group)
+        else:
+            y = comm.reduce_from_region(y, self.group)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -183,13 +203,24 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows: rank r holds rows ``[r*V/tp, (r+1)*V/tp)``.
 
     In ``[...]`` token ids (replicated), out ``[..., dim]`` (replicated). Ids outside the local range look
-    up zeros; the forward all-reduce (``reduce_from_region``) fills in every row from its owner.
+    up zeros; the forward all-reduce (``reduce_from_region``) fills in every row from its owner. With
+    ``sequence_parallel`` the ids are ``[s, b]`` and the output is reduce-scattered to ``[s/tp, b, dim]``.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: Group, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        group: Group,
+        sequence_parallel: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         local = _check_divisible("num_embeddings (vocab size)", num_embeddings, group)
         self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
+        self.sequence_parallel = sequence_parallel
         self.vocab_start = group.rank * local
         self.vocab_end = self.vocab_start + local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
@@ -205,10 +236,21 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_along_seq(out, self.group)
         return comm.reduce_from_region(out, self.group)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end})"
+
+
+def mark_sequence_parallel(param: torch.Tensor, group: Group) -> torch.Tensor:
+    """``param`` is replicated across tp but used on each rank's own tokens only (sequence parallelism):
+    all-reduce its gradient over tp as it is produced, so every rank holds the full-sequence gradient."""
+    if group.size > 1 and not getattr(param, "sequence_parallel", False):
+        param.sequence_parallel = True
+        param.register_hook(lambda g: comm.all_reduce(g.clone(), group))
+    return param
 
 
 @torch.no_grad()
@@ -289,4 +331,5 @@ __all__ = [
     "set_tp_spec",
     "tp_spec",
     "load_full_",
+    "mark_sequence_parallel",
 ]

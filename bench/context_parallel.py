@@ -1,0 +1,98 @@
+"""Context parallelism on CPU processes: per-rank time and bytes sent for ring attention (forward +
+backward) at cp = 1, 2, 4, against the ideal, and the load imbalance of contiguous vs zig-zag sharding.
+
+    python bench/context_parallel.py [--seq 2048] [--heads 8] [--head-dim 64] [--reps 3]
+
+"ideal bytes": the minimum a ring needs per rank, (cp-1) K/V blocks forward and (cp-1) K/V + (cp-1)
+fp32 dK/dV blocks backward. "work max/mean": the most loaded rank's attention work (query-key pairs
+computed) over the mean; in a ring every step waits for the slowest rank, so this is the time lost to
+imbalance. Also Ulysses at the same sizes. The cp=1 row is the single-process attention op, which
+computes the full causal score matrix; ring attention skips fully masked blocks, so cp=2 can beat 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from gptpar import ParallelLayout, init_parallel
+from gptpar.parallel import comm
+from gptpar.parallel.context import attention_work, ring_attention, seq_shards, ulysses_attention
+from gptpar.testing import run_distributed
+
+
+def _rank_run(cp, sharding, impl, seq, heads, hd, reps):
+    torch.set_num_threads(1)
+    st = init_parallel(ParallelLayout(cp=cp))
+    g = st.cp
+    shards = seq_shards(seq, cp, sharding)
+    local = shards[g.rank].length
+    gen = torch.Generator().manual_seed(g.rank)
+    q, k, v = (torch.randn(1, heads, local, hd, generator=gen).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, heads, local, hd, generator=gen)
+    times, traffic = [], {}
+    for rep in range(reps + 1):
+        comm.all_reduce(torch.zeros(1), g)  # start together
+        with comm.count_traffic() as t:
+            t0 = time.perf_counter()
+            if impl == "ring":
+                out = ring_attention(q, k, v, g, shards, causal=True)[0]
+            else:
+                out = ulysses_attention(q, k, v, g, shards, causal=True)
+            out.backward(dout)
+            dt = time.perf_counter() - t0
+        if rep:  # the first is warm-up
+            times.append(dt)
+            traffic = dict(t)
+        q.grad = k.grad = v.grad = None
+    return {"time_s": statistics.median(times), "bytes": sum(traffic.values()), "work": attention_work(shards, g.rank)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel_cpu.json"))
+    a = ap.parse_args()
+    kv_block = lambda cp: 2 * a.heads * (a.seq // cp) * a.head_dim * 4  # noqa: E731  fp32 K and V of one rank
+    rows = []
+    for cp in (1, 2, 4):
+        for impl, sharding in (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "contiguous")):
+            if cp == 1 and (impl, sharding) != ("ring", "contiguous"):
+                continue
+            res = run_distributed(_rank_run, cp, cp, sharding, impl, a.seq, a.heads, a.head_dim, a.reps, timeout=1200)
+            t = [r["time_s"] for r in res]
+            w = [r["work"] for r in res]
+            # ring: (cp-1) K/V blocks forward, (cp-1) K/V + (cp-1) fp32 dK/dV backward; Ulysses: 4 all-to-alls
+            # each way (q, k, v, out), each sending (cp-1)/cp of a rank's [h, s/cp, d] tensor.
+            ideal = 3 * (cp - 1) * kv_block(cp) if impl == "ring" else 8 * (cp - 1) / cp * kv_block(cp) / 2
+            rows.append({
+                "cp": cp, "impl": impl, "sharding": sharding,
+                "time_max_s": max(t), "time_mean_s": statistics.mean(t),
+                # Ulysses gives every rank the whole sequence for h/cp heads: balanced by construction.
+                "work_imbalance": max(w) / statistics.mean(w) if impl == "ring" else 1.0,
+                "bytes_per_rank": max(r["bytes"] for r in res),
+                "ideal_bytes_per_rank": ideal,
+            })  # fmt: skip
+    base = rows[0]["time_max_s"]
+    print(f"ring/Ulysses attention fwd+bwd, causal, seq={a.seq}, heads={a.heads}, head_dim={a.head_dim}, fp32, "
+          f"CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print(f"{'cp':>3s} {'impl':8s} {'sharding':10s} {'slowest rank s':>14s} {'vs cp=1':>8s} {'work max/mean':>13s} "
+          f"{'MB sent/rank':>13s} {'ideal MB':>9s}")  # fmt: skip
+    for r in rows:
+        print(f"{r['cp']:3d} {r['impl']:8s} {r['sharding']:10s} {r['time_max_s']:14.3f} {base / r['time_max_s']:7.2f}x "
+              f"{r['work_imbalance']:13.2f} {r['bytes_per_rank'] / 1e6:13.2f} {r['ideal_bytes_per_rank'] / 1e6:9.2f}")  # fmt: skip
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"args": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Attention that returns the log-sum-exp, the building block of ring attention.
+
+``q [b, h, sq, d]``, ``k, v [b, h, sk, d]`` -> ``out [b, h, sq, d]``, ``lse [b, h, sq]`` (fp32, natural log).
+Masking is by global token positions: with ``causal``, query at position ``q_pos[i]`` sees key at
+``k_pos[j]`` iff ``q_pos[i] >= k_pos[j]``. Positions let a ring-attention step mask a K/V block that came
+from another rank, whatever the sharding (contiguous or zig-zag). A query row that sees no key gets
+``out = 0`` and ``lse = -inf`` (it then contributes nothing when partial results are merged).
+
+The backward takes the *final* ``out`` and ``lse`` (after merging every block), as FlashAttention's does,
+so each block's gradient is exact without storing any probabilities:
+``P = exp(S - lse)``, ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K s``, ``dK = dS^T Q s``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _mask(q_pos, k_pos, causal: bool, device) -> torch.Tensor | None:
+    if not causal:
+        return None
+    return q_pos.to(device).view(-1, 1) >= k_pos.to(device).view(1, -1)  # [sq, sk] True = visible
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _positions(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
+    return torch.arange(n, device=device) if pos is None else pos
+
+
+def reference_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch attention forward, accumulating in fp32 (or the inputs' dtype if wider); returns
+    ``(out in q's dtype, lse)``."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = _acc(q)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    mask = _mask(_positions(q.shape[-2], q_pos, q.device), _positions(k.shape[-2], k_pos, q.device), causal, q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    # Rows with no visible key: lse = -inf; subtracting it would give nan, so use 0 there (p = 0 anyway).
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = torch.matmul(p, v.to(acc))
+    return out.to(q.dtype), lse
+
+
+def reference_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool = True,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one (q, k/v block) pair given the final ``out``/``lse`` of the rows of ``q``."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = _acc(q)
+    qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    mask = _mask(_positions(q.shape[-2], q_pos, q.device), _positions(k.shape[-2], k_pos, q.device), causal, q.device)
+    safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # p = 0 on empty rows
+    p = torch.exp(s - safe_lse.unsqueeze(-1))
+    if mask is not None:
+        p = p.masked_fill(~mask, 0.0)
+    dv = torch.matmul(p.transpose(-1, -2), dof)
+    delta = (dof * out.to(acc)).sum(dim=-1, keepdim=True)
+    ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
+    """Dispatching forward (the Triton kernel slots in here for CUDA tensors); see module docstring."""
+    return reference_attention_forward(q, k, v, causal, q_pos, k_pos, scale)
+
+
+def attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None):
+    """Dispatching backward for one block; see module docstring."""
+    return reference_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, q_pos, k_pos, scale):
+        out, lse = attention_forward(q, k, v, causal, q_pos, k_pos, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, q_pos, k_pos, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable attention returning ``(out, lse)``; saves only q, k, v, out, lse for backward
+    (the probabilities are recomputed), like FlashAttention."""
+    return _Attention.apply(q, k, v, causal, q_pos, k_pos, scale)

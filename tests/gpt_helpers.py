@@ -1,0 +1,82 @@
+"""Shared by the model-level tests: train the reference and a parallel GPT on the same batches and return
+everything (loss, full logits, full gradients, final weights) in the reference's layout."""
+
+import torch
+
+from gptpar import GPT, ParallelGPT, init_parallel
+from gptpar.models import gather_grads, gather_state_dict
+from gptpar.parallel import comm
+from gptpar.parallel.data import allreduce_gradients
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def batch(config, seed=0, b=3):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, config.vocab_size, (b, config.seq_len), generator=g)
+    tgt = torch.randint(0, config.vocab_size, (b, config.seq_len), generator=g)
+    return idx, tgt
+
+
+def optimizer(model):
+    # SGD with momentum, not Adam: Adam's first steps normalise each gradient to about +-lr, so a gradient
+    # near eps (1e-8) turns a 1e-12 rounding difference into a visible weight difference. The comparison
+    # is of the parallel model's gradients and updates, which SGD passes through linearly.
+    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+
+
+def train_reference(config, steps):
+    model = GPT(config)
+    opt = optimizer(model)
+    out = []
+    for step in range(steps):
+        idx, tgt = batch(config, seed=step)
+        logits, loss = model(idx, tgt)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        out.append({"logits": logits.detach(), "loss": loss.detach(), "grads": grads})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out, model.state_dict()
+
+
+def train_parallel(config, layout, steps, options=None):
+    """Runs on every rank: a ParallelGPT over ``layout`` trained like :func:`train_reference`."""
+    st = init_parallel(layout)
+    model = ParallelGPT(config, st, **(options or {}))
+    opt = optimizer(model)
+    out = []
+    for step in range(steps):
+        idx, tgt = batch(config, seed=step)
+        logits, loss = model(idx, tgt)
+        loss.backward()
+        allreduce_gradients(model, st.cp)  # cp ranks hold partial gradients of replicated weights
+        # Reassemble the full logits: vocab slices over tp, then token shards (in position order) over cp.
+        logits = comm.all_gather(logits.detach(), st.tp, dim=-1)
+        gathered = comm.all_gather(logits, st.cp, dim=1)
+        positions = comm.all_gather(model.local_positions(config.seq_len), st.cp, dim=0)
+        full = torch.empty_like(gathered)
+        full[:, positions] = gathered
+        out.append({"logits": full, "loss": loss.detach(), "grads": gather_grads(model, st.tp)})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out, gather_state_dict(model, st.tp)
+
+
+def close(got, want, where, tol=TOL):
+    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{where}: {m}")
+
+
+def assert_matches_reference(results, reference, label, tol=TOL):
+    ref_steps, ref_sd = reference
+    for rank, (steps, sd) in enumerate(results):
+        for s, (got, want) in enumerate(zip(steps, ref_steps, strict=True)):
+            where = f"{label} rank {rank} step {s}"
+            close(got["loss"], want["loss"], f"{where} loss", tol)
+            close(got["logits"], want["logits"], f"{where} logits", tol)
+            assert got["grads"].keys() == want["grads"].keys()
+            for n in want["grads"]:
+                close(got["grads"][n], want["grads"][n], f"{where} grad {n}", tol)
+        assert sd.keys() == ref_sd.keys()
+        for n in ref_sd:  # weights after the optimizer steps
+            close(sd[n], ref_sd[n], f"{label} rank {rank} weight {n}", tol)
