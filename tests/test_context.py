@@ -9,11 +9,11 @@ Ulysses cp=2, and tp=2 x cp=2. Then activation memory, and uneven sequences reje
 import pytest
 import torch
 import torch.nn.functional as F
+from gpt_helpers import assert_matches_reference, batch, train_parallel, train_reference
 
-from gptpar import GptparConfigError, GPTConfig, ParallelGPT, ParallelLayout, init_parallel
+from gptpar import GPTConfig, GptparConfigError, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.parallel.context import ring_attention, seq_shards, ulysses_attention
 from gptpar.testing import run_distributed
-from gpt_helpers import assert_matches_reference, batch, train_parallel, train_reference
 
 CONFIG = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32)
 SWIGLU = GPTConfig(

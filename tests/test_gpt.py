@@ -3,12 +3,12 @@ weights after an optimizer step, for tp = 1, 2, 4 and two model variants."""
 
 import pytest
 import torch
+from gpt_helpers import TOL, assert_matches_reference, batch, train_parallel, train_reference
 
 from gptpar import GPT, GPTConfig, GptparConfigError, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.models import gather_state_dict, shard_state_dict
 from gptpar.parallel.random import TPRngTracker
 from gptpar.testing import run_distributed
-from gpt_helpers import TOL, assert_matches_reference, batch, train_parallel, train_reference
 
 CONFIGS = {
     "gelu-layernorm-tied": GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32),

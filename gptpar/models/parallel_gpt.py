@@ -36,7 +36,6 @@ from gptpar.parallel.tensor import (
     vocab_parallel_cross_entropy,
 )
 
-
 CP_IMPLS = ("ring", "ulysses")
 
 
