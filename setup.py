@@ -52,7 +52,7 @@ setup(
     version="0.1.0",
     description="Model-parallel GPT training in PyTorch: tensor, sequence/context, pipeline and data parallelism",
     python_requires=">=3.10",
-    packages=["gptpar", "gptpar.parallel", "gptpar.models", "gptpar.ops", "gptpar.kernels"],
+    packages=["gptpar", "gptpar.parallel", "gptpar.parallel.pipeline", "gptpar.models", "gptpar.ops", "gptpar.kernels"],
     package_dir={"gptpar.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -80,3 +80,49 @@ def assert_matches_reference(results, reference, label, tol=TOL):
         assert sd.keys() == ref_sd.keys()
         for n in ref_sd:  # weights after the optimizer steps
             close(sd[n], ref_sd[n], f"{label} rank {rank} weight {n}", tol)
+
+
+def train_pipeline(config, layout, steps, schedule, micro_batches, v=1, options=None, batch_size=4, seq_len=None):
+    """Runs on every rank: the pipeline engine over ``layout`` trained like :func:`train_reference` with
+    ``batch_size`` sequences per step. Returns per-step losses and this rank's full (tp-gathered)
+    gradients, its final weights, and the last step's stats."""
+    from gptpar.pipeline import make_pipeline
+
+    st = init_parallel(layout)
+    engine, part = make_pipeline(config, st, schedule, micro_batches, v, **(options or {}))
+    params = [p for c in engine.chunks for p in c.parameters()]
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1)
+    out = []
+    for step in range(steps):
+        idx, tgt = batch(config, seed=step, b=batch_size)
+        if seq_len is not None:
+            idx, tgt = idx[:, :seq_len], tgt[:, :seq_len]
+        loss = engine.step(idx, tgt)
+        grads = {}
+        for c in engine.chunks:
+            grads.update(gather_grads(c, st.tp))
+        out.append({"loss": loss.detach(), "grads": grads})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sd = {}
+    for c in engine.chunks:
+        sd.update(gather_state_dict(c, st.tp))
+    return out, sd, engine.last_stats, part.report()
+
+
+def merge_pipeline_results(results, config):
+    """Union every pp rank's gradients and weights into one reference-shaped result per step."""
+    steps = len(results[0][0])
+    merged = [{"loss": results[0][0][s]["loss"], "grads": {}} for s in range(steps)]
+    sd = {}
+    for rank_steps, rank_sd, _, _ in results:
+        for s in range(steps):
+            assert torch.equal(rank_steps[s]["loss"], merged[s]["loss"]), "pp ranks disagree on the loss"
+            merged[s]["grads"].update(rank_steps[s]["grads"])
+        sd.update(rank_sd)
+    if config.tie_embeddings:
+        for s in range(steps):  # the last stage's copy of the tied embedding must equal the first's
+            g = merged[s]["grads"]
+            if "lm_head.weight" in g:
+                close(g.pop("lm_head.weight"), g["wte.weight"], "tied embedding copies' gradients")
+    return merged, sd

@@ -65,7 +65,7 @@ def _dropout_replicated_region():
     idx, tgt = batch(config)
     _, loss = model(idx, tgt)
     loss.backward()
-    return seen["resid"], loss.detach(), bool(torch.isfinite(model.blocks[0].attn.qkv.weight.grad).all())
+    return seen["resid"], loss.detach(), bool(torch.isfinite(model.blocks["0"].attn.qkv.weight.grad).all())
 
 
 def test_dropout_masks_agree_across_tp_in_replicated_region():

@@ -229,5 +229,7 @@ def init_gpt_weights(model: nn.Module, config: GPTConfig, seed: int, tp_size: in
         shape = list(p.shape)
         if dim is not None:
             shape[dim] *= tp_size
+        if name == "lm_head.weight" and config.tie_embeddings:
+            name = "wte.weight"  # a pipeline's last stage holds its own copy of the tied embedding
         full = full_init_value(name, tuple(shape), config, seed)
         p.copy_(shard_tensor(full, dim, chunks, tp_size, tp_rank))

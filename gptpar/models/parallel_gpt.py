@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
 from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm, mlp_activation
-from gptpar.ops.attention import attention
 from gptpar.parallel import comm
 from gptpar.parallel.context import SeqShard, ring_attention, seq_shards, ulysses_attention
 from gptpar.parallel.mesh import Group, ParallelState
@@ -77,7 +76,9 @@ class ParallelSelfAttention(nn.Module):
         if p > 0.0:  # attention dropout: SDPA, on this tp rank's own RNG stream (its heads' masks are its own)
             with self.rng.fork() if self.rng is not None else contextlib.nullcontext():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return attention(q, k, v, causal=True)[0]
+        # One rank holds the whole sequence and needs no log-sum-exp: torch's fused SDPA kernel (it saves the
+        # same q, k, v, out and lse as gptpar.ops.attention, and is faster than the matmul reference op).
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -130,7 +131,8 @@ class ParallelBlock(nn.Module):
 
 
 class ParallelGPT(nn.Module):
-    """GPT split over ``state.tp`` (tensor parallel) and ``state.cp`` (context parallel).
+    """GPT split over ``state.tp`` (tensor parallel) and ``state.cp`` (context parallel), optionally only
+    one pipeline stage of it.
 
     ``forward(idx [b, s], targets [b, s] | None) -> (logits [b, s/cp, V/tp], mean loss | None)``: ``idx``
     is the whole sequence (the same on every tp and cp rank); each cp rank keeps its shard's tokens
@@ -141,6 +143,13 @@ class ParallelGPT(nn.Module):
     ``cp_impl`` ``"ring"`` or ``"ulysses"``; ``cp_sharding`` ``"zigzag"`` or ``"contiguous"``.
     With cp > 1, every parameter's gradient is partial per cp rank: sum it over cp (and dp) after
     backward, e.g. with :func:`gptpar.parallel.data.allreduce_gradients`.
+
+    ``units=(a, b)`` builds only pipeline units ``a..b-1`` of ``[embedding, block 0, ..., block L-1, head]``
+    (see :mod:`gptpar.parallel.pipeline`): a stage without the embedding takes the hidden state
+    ``[s', b, h]`` as ``idx``; a stage without the head returns the hidden state. Parameter names stay
+    global (``blocks.7.attn.qkv.weight``). With tied embeddings split across stages, the head holds its
+    own copy of the embedding, initialised identically; :meth:`tied_parameters` lists it for the
+    pipeline engine, which sums the two copies' gradients.
     """
 
     def __init__(
@@ -152,6 +161,7 @@ class ParallelGPT(nn.Module):
         sequence_parallel: bool = False,
         cp_impl: str = "ring",
         cp_sharding: str = "zigzag",
+        units: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         state.layout.validate_model(config)
@@ -168,30 +178,52 @@ class ParallelGPT(nn.Module):
                 f"Ulysses needs the heads per tp rank (n_head/tp = {config.n_head}/{tp.size}) divisible by cp={cp.size}"
             )
         seq_shards(config.seq_len, cp.size, cp_sharding, tp.size if sequence_parallel else 1)  # validates now
+        n_units = config.n_layer + 2
+        a, b = units if units is not None else (0, n_units)
+        if not 0 <= a < b <= n_units:
+            raise GptparConfigError(
+                f"units={units} is not a non-empty range within 0..{n_units} (embedding, layers, head)"
+            )
+        self.units = (a, b)
+        self.has_embedding, self.has_head = a == 0, b == n_units
         self.config, self.state, self.tp, self.cp = config, state, tp, cp
         self.sequence_parallel = sequence_parallel and tp.size > 1
         self.cp_sharding = cp_sharding
         seed = state.seed_for("params") if seed is None else seed
         self.rng = TPRngTracker(state.seed_for("tp_local"), state.device) if config.dropout > 0 else None
         sp = self.sequence_parallel
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp, sequence_parallel=sp)
-        self.wpe = nn.Embedding(config.seq_len, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(ParallelBlock(config, state, self.rng, sp, cp_impl) for _ in range(config.n_layer))
-        self.ln_f = make_norm(config)
-        self.lm_head = ColumnParallelLinear(
-            config.d_model, config.vocab_size, bias=False, group=tp, sequence_parallel=sp
+        if self.has_embedding:
+            self.wte = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp, sequence_parallel=sp)
+            self.wpe = nn.Embedding(config.seq_len, config.d_model)
+            self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleDict(
+            {
+                str(i): ParallelBlock(config, state, self.rng, sp, cp_impl)
+                for i in range(max(a, 1) - 1, min(b, n_units - 1) - 1)
+            }
         )
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # both [V/tp, h], split the same way
+        if self.has_head:
+            self.ln_f = make_norm(config)
+            self.lm_head = ColumnParallelLinear(
+                config.d_model, config.vocab_size, bias=False, group=tp, sequence_parallel=sp
+            )
+            if config.tie_embeddings and self.has_embedding:
+                self.lm_head.weight = self.wte.weight  # both [V/tp, h], split the same way
         init_gpt_weights(self, config, seed, tp.size, tp.rank)
         if sp:  # parameters used on this rank's tokens only: all-reduce their gradients over tp
-            mark_sequence_parallel(self.wpe.weight, tp)
+            if self.has_embedding:
+                mark_sequence_parallel(self.wpe.weight, tp)
             for m in self.modules():
                 if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                     for prm in m.parameters():
                         mark_sequence_parallel(prm, tp)
         self.to(state.device)
+
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """The copies of the tied embedding that live on pipeline stages (first and/or last), if split."""
+        if not self.config.tie_embeddings or (self.has_embedding and self.has_head):
+            return []
+        return ([self.wte.weight] if self.has_embedding else []) + ([self.lm_head.weight] if self.has_head else [])
 
     def local_positions(self, seq_len: int) -> torch.Tensor:
         """Global positions of the tokens this cp rank holds, in local order."""
@@ -200,15 +232,17 @@ class ParallelGPT(nn.Module):
     def _shards(self, seq_len: int) -> list[SeqShard]:
         return seq_shards(seq_len, self.cp.size, self.cp_sharding, self.tp.size if self.sequence_parallel else 1)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
+    def hidden_shape(self, batch: int, seq_len: int) -> tuple[int, int, int]:
+        """Shape of the hidden state between pipeline stages on this rank: ``[s', b, h]``."""
+        local = seq_len // self.cp.size // (self.tp.size if self.sequence_parallel else 1)
+        return (local, batch, self.config.d_model)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx [b, s]`` -> hidden ``[s', b, h]`` for this rank's tokens."""
         check_sequence(idx, self.config)
-        shards = self._shards(idx.shape[1])
-        for block in self.blocks:
-            block.attn.shards = shards
-        pos = shards[self.cp.rank].positions(idx.device)
+        pos = self._shards(idx.shape[1])[self.cp.rank].positions(idx.device)
         if self.cp.size > 1:
             idx = idx.index_select(1, pos)
-            targets = targets.index_select(1, pos) if targets is not None else None
         x = self.wte(idx.t())  # [s', b, h]; reduce-scattered along s with SP
         if self.sequence_parallel:
             n = x.shape[0]
@@ -216,20 +250,36 @@ class ParallelGPT(nn.Module):
         x = x + self.wpe(pos).unsqueeze(1)
         if self.sequence_parallel and self.rng is not None and self.training:
             with self.rng.fork():  # each tp rank holds different tokens: their dropout masks are its own
-                x = self.drop(x)
-        else:
-            x = self.drop(x)
-        for block in self.blocks:
+                return self.drop(x)
+        return self.drop(x)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None, seq_len: int, ignore_index: int = -100):
+        """Hidden ``[s', b, h]`` -> ``(logits [b, s/cp, V/tp], global mean loss | None)``."""
+        logits = self.lm_head(self.ln_f(x)).transpose(0, 1)
+        if targets is None:
+            return logits, None
+        if self.cp.size > 1:
+            targets = targets.index_select(1, self._shards(seq_len)[self.cp.rank].positions(targets.device))
+        per_token = vocab_parallel_cross_entropy(logits, targets, self.tp, ignore_index)
+        count = (targets != ignore_index).sum().to(per_token.dtype)
+        total = comm.reduce_from_region(per_token.sum(), self.cp)  # global sum; gradient 1 per rank
+        count = comm.all_reduce(count.clone(), self.cp)
+        return logits, total / count.clamp(min=1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
+        if self.has_embedding:
+            seq_len = idx.shape[1]
+            x = self.embed(idx)
+        else:  # a later pipeline stage: idx is the hidden state [s', b, h]
+            x = idx
+            seq_len = x.shape[0] * self.cp.size * (self.tp.size if self.sequence_parallel else 1)
+        shards = self._shards(seq_len)
+        for block in self.blocks.values():
+            block.attn.shards = shards
             x = block(x)
-        logits = self.lm_head(self.ln_f(x)).transpose(0, 1)  # [b, s/cp, V/tp]
-        loss = None
-        if targets is not None:
-            per_token = vocab_parallel_cross_entropy(logits, targets, self.tp, ignore_index)
-            count = (targets != ignore_index).sum().to(per_token.dtype)
-            total = comm.reduce_from_region(per_token.sum(), self.cp)  # global sum; gradient 1 per rank
-            count = comm.all_reduce(count.clone(), self.cp)
-            loss = total / count.clamp(min=1)
-        return logits, loss
+        if not self.has_head:
+            return x
+        return self.head(x, targets, seq_len, ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------- state dicts

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from gptpar.errors import GptparConfigError
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import Group
+from gptpar.parallel.wgrad import linear
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -120,7 +121,7 @@ class ColumnParallelLinear(nn.Module):
             x = comm.gather_along_seq(x, self.group)
         else:
             x = comm.copy_to_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output:
             if self.chunks != 1:
                 raise GptparConfigError(
@@ -185,7 +186,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = comm.scatter_to_region(x, self.group, dim=-1)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:  # [s, b, out] partial sums -> [s/tp, b, out]
             y = comm.reduce_scatter_along_seq(y, self.group)
         else:
@@ -249,7 +250,8 @@ def mark_sequence_parallel(param: torch.Tensor, group: Group) -> torch.Tensor:
     all-reduce its gradient over tp as it is produced, so every rank holds the full-sequence gradient."""
     if group.size > 1 and not getattr(param, "sequence_parallel", False):
         param.sequence_parallel = True
-        param.register_hook(lambda g: comm.all_reduce(g.clone(), group))
+        param.grad_reduce = lambda g: comm.all_reduce(g.clone(), group)  # also applied to deferred grads
+        param.register_hook(param.grad_reduce)
     return param
 
 

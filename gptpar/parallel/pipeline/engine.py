@@ -1,0 +1,227 @@
+"""The pipeline executor: runs any schedule's per-rank action list (:mod:`.schedules`) over this rank's
+model chunks, with point-to-point transfers (:mod:`.p2p`) posted ahead of the compute they overlap.
+
+One :meth:`PipelineEngine.step` runs forward and backward of every microbatch of a global batch and
+leaves the accumulated gradients in ``.grad`` (each microbatch's loss scaled by ``1/m``, so the
+gradients are those of the mean loss over the batch); the optimizer step is the caller's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gptpar.errors import GptparConfigError
+from gptpar.models.gpt import GPTConfig
+from gptpar.parallel import comm
+from gptpar.parallel.mesh import ParallelState
+from gptpar.parallel.pipeline.p2p import StageP2P
+from gptpar.parallel.pipeline.partition import Partition, partition
+from gptpar.parallel.pipeline.schedules import Action, build
+from gptpar.parallel.wgrad import defer_weight_grads
+
+
+@dataclass
+class StepStats:
+    """What one step measured on this rank."""
+
+    total_s: float = 0.0
+    blocked_s: float = 0.0  # waiting for receives and for sends to complete
+    peak_in_flight: int = 0  # microbatches whose activations were held at once
+    peak_activation_bytes: int = 0  # bytes saved for backward, held at once
+    events: list = field(default_factory=list)  # (kind, mb, chunk, t0, t1) relative to step start
+
+    @property
+    def hidden_comm_fraction(self) -> float:
+        """Share of the step not spent blocked on communication."""
+        return 1.0 - self.blocked_s / self.total_s if self.total_s else 0.0
+
+
+def build_stage_chunks(config: GPTConfig, state: ParallelState, part: Partition, **options) -> list[nn.Module]:
+    """This pp rank's model chunks (only their weights are ever materialised)."""
+    from gptpar.models.parallel_gpt import ParallelGPT
+
+    return [ParallelGPT(config, state, units=part.units(state.pp.rank, c), **options) for c in range(part.v)]
+
+
+class PipelineEngine:
+    """Runs ``schedule`` over ``chunks`` (this rank's ``v`` model chunks, chunk c = virtual stage c*pp+rank)."""
+
+    def __init__(
+        self,
+        chunks: list[nn.Module],
+        state: ParallelState,
+        schedule: str = "1f1b",
+        micro_batches: int = 4,
+        negotiate_shapes: bool = False,
+        record: bool = False,
+    ) -> None:
+        self.chunks, self.state = chunks, state
+        self.p, self.rank, self.v, self.m = state.pp.size, state.pp.rank, len(chunks), micro_batches
+        if schedule != "interleaved" and self.v != 1:
+            raise GptparConfigError(f"schedule {schedule!r} runs one chunk per rank; got {self.v} (use 'interleaved')")
+        if schedule == "interleaved" and self.v < 2:
+            raise GptparConfigError("the interleaved schedule needs v >= 2 model chunks per rank")
+        self.schedule = schedule
+        self.actions: list[Action] = build(schedule, self.p, micro_batches, self.v)[self.rank]
+        self.p2p = StageP2P(state.pp, negotiate_shapes)
+        self.record = record
+        self.nvs = self.p * self.v
+        self.tied = [t for c in chunks for t in c.tied_parameters()]
+        self.has_tied_split = chunks[0].config.tie_embeddings and self.nvs > 1
+        self.last_stats = StepStats()
+
+    # -- helpers
+    def _vs(self, chunk: int) -> int:
+        return chunk * self.p + self.rank
+
+    def _tag(self, mb: int, vs: int, backward: bool) -> int:
+        return 2 * (mb * self.nvs + vs) + int(backward)
+
+    def _needs_recv(self, a: Action) -> bool:
+        vs = self._vs(a.chunk)
+        return (a.kind == "F" and vs > 0) or (a.kind in ("B", "I") and vs < self.nvs - 1)
+
+    def _post(self, a: Action):
+        vs = self._vs(a.chunk)
+        if a.kind == "F":
+            src_vs, tag = vs - 1, self._tag(a.mb, vs - 1, False)
+        else:
+            src_vs, tag = vs + 1, self._tag(a.mb, vs + 1, True)
+        return self.p2p.recv(src_vs % self.p, tag, self.shape, self.dtype, self.state.device)
+
+    def step(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of the global batch ``idx, targets [B, s]`` (``B % m == 0``) in ``m``
+        microbatches. Returns the mean loss (the same on every pp rank)."""
+        if idx.shape[0] % self.m:
+            raise GptparConfigError(f"batch size {idx.shape[0]} is not divisible by micro_batches={self.m}")
+        mb_idx, mb_tgt = idx.chunk(self.m), targets.chunk(self.m)
+        first_chunk = self.chunks[0]
+        self.shape = first_chunk.hidden_shape(mb_idx[0].shape[0], idx.shape[1])
+        self.dtype = next(first_chunk.parameters()).dtype
+        stats = StepStats()
+        store: dict[tuple[int, int], tuple] = {}
+        deferred: dict[tuple[int, int], list] = {}
+        act_bytes: dict[tuple[int, int], int] = {}
+        live_bytes = live = 0
+        losses = []
+        posted: dict[int, object] = {}
+        needs = [i for i, a in enumerate(self.actions) if self._needs_recv(a)]
+        params = {p.data_ptr() for c in self.chunks for p in c.parameters()}
+        t_start = time.perf_counter()
+        self.p2p.blocked_s = 0.0
+        nxt = 0  # index into `needs` of the next receive not yet posted
+        for i, a in enumerate(self.actions):
+            # Post this action's receive, and the next receive of the schedule, before computing: the next
+            # one is then in flight during this compute.
+            while nxt < len(needs) and needs[nxt] <= i:
+                posted[needs[nxt]] = self._post(self.actions[needs[nxt]])
+                nxt += 1
+            if nxt < len(needs):
+                posted[needs[nxt]] = self._post(self.actions[needs[nxt]])
+                nxt += 1
+            chunk, vs = self.chunks[a.chunk], self._vs(a.chunk)
+            key = (a.mb, a.chunk)
+            t0 = time.perf_counter()
+            if a.kind == "F":
+                if vs == 0:
+                    x = mb_idx[a.mb].to(self.state.device)
+                else:
+                    tw = time.perf_counter()
+                    x = posted.pop(i).wait().requires_grad_()
+                    if self.record:
+                        stats.events.append(("wait", a.mb, a.chunk, tw - t_start, time.perf_counter() - t_start))
+                    t0 = time.perf_counter()
+                saved = [0]
+
+                def pack(t, saved=saved):
+                    if t.data_ptr() not in params:
+                        saved[0] += t.numel() * t.element_size()
+                    return t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    if vs == self.nvs - 1:
+                        _, loss = chunk(x, mb_tgt[a.mb].to(self.state.device))
+                        losses.append(loss.detach())
+                        y = loss / self.m
+                    else:
+                        y = chunk(x)
+                        self.p2p.send(y.detach(), (vs + 1) % self.p, self._tag(a.mb, vs, False))
+                store[key] = (x, y)
+                act_bytes[key] = saved[0]
+                live += 1
+                live_bytes += saved[0]
+                stats.peak_in_flight = max(stats.peak_in_flight, live)
+                stats.peak_activation_bytes = max(stats.peak_activation_bytes, live_bytes)
+            elif a.kind in ("B", "I"):
+                x, y = store.pop(key)
+                if vs == self.nvs - 1:
+                    grad = None
+                else:
+                    tw = time.perf_counter()
+                    grad = posted.pop(i).wait()
+                    if self.record:
+                        stats.events.append(("wait", a.mb, a.chunk, tw - t_start, time.perf_counter() - t_start))
+                    t0 = time.perf_counter()
+                if a.kind == "I":
+                    with defer_weight_grads(deferred.setdefault(key, [])):
+                        torch.autograd.backward(y, grad)
+                else:
+                    torch.autograd.backward(y, grad)
+                if vs > 0:
+                    self.p2p.send(x.grad, (vs - 1) % self.p, self._tag(a.mb, vs, True))
+                if a.kind == "B":
+                    live -= 1
+                    live_bytes -= act_bytes.pop(key)
+            elif a.kind == "W":
+                for run in deferred.pop(key):
+                    run()
+                live -= 1
+                live_bytes -= act_bytes.pop(key)
+            if self.record:
+                stats.events.append((a.kind, a.mb, a.chunk, t0 - t_start, time.perf_counter() - t_start))
+        self.p2p.wait_sends()
+        self._sync_tied_grads()
+        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)
+        last_rank = (self.nvs - 1) % self.p
+        comm.broadcast(loss, self.state.pp, src=last_rank)
+        stats.total_s = time.perf_counter() - t_start
+        stats.blocked_s = self.p2p.blocked_s
+        self.last_stats = stats
+        return loss
+
+    def _sync_tied_grads(self) -> None:
+        """Sum the gradients of the tied embedding's two copies (first and last stage) over pp; stages
+        without a copy contribute zeros so every pp rank joins the same collective."""
+        if not self.has_tied_split:
+            return
+        cfg = self.chunks[0].config
+        shape = (cfg.vocab_size // self.state.tp.size, cfg.d_model)
+        buf = torch.zeros(shape, dtype=self.dtype, device=self.state.device)
+        for t in self.tied:
+            if t.grad is not None:
+                buf += t.grad
+        comm.all_reduce(buf, self.state.pp)
+        for t in self.tied:
+            t.grad = buf.clone()
+
+
+def make_pipeline(
+    config: GPTConfig,
+    state: ParallelState,
+    schedule: str = "1f1b",
+    micro_batches: int = 4,
+    v: int = 1,
+    costs: str | list[float] = "params",
+    record: bool = False,
+    negotiate_shapes: bool = False,
+    **options,
+) -> tuple[PipelineEngine, Partition]:
+    """Partition ``config`` over the pp group, build this rank's chunks, and return the engine.
+    ``options`` go to each chunk's :class:`~gptpar.models.parallel_gpt.ParallelGPT`."""
+    part = partition(config, state.pp.size, v if schedule == "interleaved" else 1, costs)
+    chunks = build_stage_chunks(config, state, part, **options)
+    return PipelineEngine(chunks, state, schedule, micro_batches, negotiate_shapes, record), part

@@ -1,0 +1,80 @@
+"""Linear layers whose weight gradient can be deferred: the split of backward into ``I`` (input
+gradient, on the critical path between pipeline stages) and ``W`` (weight gradient, off it) that
+zero-bubble schedules need.
+
+Outside :func:`defer_weight_grads` the backward is an ordinary linear backward. Inside it, backward
+computes only the input gradient and queues a closure that, when run (the schedule's ``W`` action),
+computes the weight and bias gradients and accumulates them into ``.grad`` (applying the parameter's
+``grad_reduce``, e.g. the sequence-parallel all-reduce, first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+_queue: list[Callable[[], None]] | None = None
+
+
+@contextlib.contextmanager
+def defer_weight_grads(queue: list[Callable[[], None]]):
+    """Backward passes run inside this block queue their weight-gradient work in ``queue``."""
+    global _queue
+    outer, _queue = _queue, queue
+    try:
+        yield queue
+    finally:
+        _queue = outer
+
+
+def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    reduce = getattr(param, "grad_reduce", None)
+    if reduce is not None:
+        grad = reduce(grad)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.params = (weight, bias)  # the leaves themselves, for deferred accumulation
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        grad_x = g.matmul(weight) if ctx.needs_input_grad[0] else None
+
+        def weight_grads():
+            g2 = g.reshape(-1, g.shape[-1])
+            gw = g2.t().matmul(x.reshape(-1, x.shape[-1]))
+            gb = g2.sum(0) if ctx.has_bias else None
+            return gw, gb
+
+        if _queue is not None:
+            params = ctx.params
+
+            def run():
+                gw, gb = weight_grads()
+                accumulate_grad(params[0], gw)
+                if gb is not None:
+                    accumulate_grad(params[1], gb)
+
+            _queue.append(run)
+            return grad_x, None, None
+        gw, gb = weight_grads()
+        return grad_x, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a deferrable weight gradient (see module docstring)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return torch.nn.functional.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias)
