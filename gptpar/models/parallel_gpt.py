@@ -209,6 +209,8 @@ class ParallelGPT(nn.Module):
             )
             if config.tie_embeddings and self.has_embedding:
                 self.lm_head.weight = self.wte.weight  # both [V/tp, h], split the same way
+            elif config.tie_embeddings:
+                self.lm_head.weight.pipeline_tied_copy = True  # the second copy: count it once in norms
         init_gpt_weights(self, config, seed, tp.size, tp.rank)
         if sp:  # parameters used on this rank's tokens only: all-reduce their gradients over tp
             if self.has_embedding:

@@ -95,6 +95,64 @@ def all_reduce(tensor: torch.Tensor, group: Group, op=ReduceOp.SUM) -> torch.Ten
     return tensor
 
 
+class Pending:
+    """An asynchronous collective: ``wait()`` (bounded by the group's timeout) returns its output."""
+
+    def __init__(self, work, op: str, group: Group, out: torch.Tensor) -> None:
+        self.work, self.op, self.group, self.out = work, op, group, out
+
+    def done(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            _wait(self.work, self.op, self.group)
+            self.work = None
+        return self.out
+
+
+def all_reduce_async(tensor: torch.Tensor, group: Group, op=ReduceOp.SUM) -> Pending:
+    """Start an in-place all-reduce; returns a :class:`Pending` whose ``wait()`` returns ``tensor``."""
+    if group.size == 1:
+        return Pending(None, "all_reduce", group, tensor)
+    _count("all_reduce", 2 * (group.size - 1) / group.size * _nbytes(tensor))
+    return Pending(dist.all_reduce(tensor, op=op, group=group.pg, async_op=True), "all_reduce", group, tensor)
+
+
+def all_to_all_async(send: torch.Tensor, group: Group) -> Pending:
+    """Start an all-to-all of ``send`` ``[p * n]`` (chunk j to rank j); ``wait()`` returns ``[p * n]``
+    whose chunk j came from rank j."""
+    recv = torch.empty_like(send)
+    if group.size == 1:
+        recv.copy_(send)
+        return Pending(None, "all_to_all", group, recv)
+    _count("all_to_all", (group.size - 1) / group.size * _nbytes(send))
+    return Pending(dist.all_to_all_single(recv, send, group=group.pg, async_op=True), "all_to_all", group, recv)
+
+
+def all_gather_async(shard: torch.Tensor, group: Group) -> Pending:
+    """Start an all-gather of equal 1-D shards; ``wait()`` returns ``[p * n]`` in rank order."""
+    out = torch.empty(group.size * shard.numel(), dtype=shard.dtype, device=shard.device)
+    if group.size == 1:
+        out.copy_(shard)
+        return Pending(None, "all_gather", group, out)
+    _count("all_gather", (group.size - 1) * _nbytes(shard))
+    return Pending(_all_gather_single(out, shard, group=group.pg, async_op=True), "all_gather", group, out)
+
+
+def new_subgroups(state_world: Group, rank_lists: list[tuple[int, ...]], name: str, timeout=None) -> Group | None:
+    """Create a process group for every rank list (every rank must call this with the same lists, in the
+    same order); returns this rank's :class:`Group` among them, or None if it is in none."""
+    mine = None
+    me = state_world.global_rank
+    for ranks in rank_lists:
+        pg = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+        if me in ranks:
+            mine = Group(name=name, pg=pg, ranks=tuple(ranks), rank=ranks.index(me), global_rank=me,
+                         timeout=timeout or state_world.timeout)  # fmt: skip
+    return mine
+
+
 def broadcast(tensor: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
     """In-place broadcast from group-local rank ``src``; returns ``tensor``."""
     if group.size == 1:

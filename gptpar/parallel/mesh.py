@@ -194,6 +194,11 @@ class ParallelState:
     def cp(self) -> Group:
         return self.groups["cp"]
 
+    @property
+    def world(self) -> Group:
+        """Every rank (for decisions that must agree everywhere, e.g. skipping a step on overflow)."""
+        return self.groups["world"]
+
     def seed_for(self, purpose: str) -> int:
         """Seeds per coordinate: ``'params'`` (same on all ranks), ``'tp_local'`` (differs across tp only),
         ``'data'`` (differs across dp only)."""
@@ -285,6 +290,10 @@ def init_parallel(
         ranks = layout.group_ranks(d, my_rank)
         pg = mesh.get_group(d) if len(ranks) > 1 else None
         groups[d] = Group(name=d, pg=pg, ranks=ranks, rank=expected[d], global_rank=my_rank, timeout=timeout)
+    groups["world"] = Group(
+        name="world", pg=dist.group.WORLD if ws > 1 else None, ranks=tuple(range(ws)), rank=my_rank,
+        global_rank=my_rank, timeout=timeout,
+    )  # fmt: skip
     state = ParallelState(
         layout=layout, rank=my_rank, device=device, backend=backend, mesh=mesh, groups=groups, seed=seed
     )

@@ -206,7 +206,10 @@ class PipelineEngine:
                 buf += t.grad
         comm.all_reduce(buf, self.state.pp)
         for t in self.tied:
-            t.grad = buf.clone()
+            if t.grad is None:
+                t.grad = buf.clone()
+            else:
+                t.grad.copy_(buf)  # in place: the gradient may be a view into a data-parallel buffer
 
 
 def make_pipeline(

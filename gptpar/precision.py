@@ -1,0 +1,121 @@
+"""Mixed precision: autocast policy, the dynamic loss scaler, and gradient clipping by the global norm.
+
+* bf16: run forward under :func:`autocast` (weights stay fp32, matmuls run in bf16) — the default on CPU,
+  where bf16 matmuls are fast and fp16 ones are not — or keep bf16 parameters with fp32 master weights
+  (:class:`gptpar.parallel.zero.ZeroAdamW` keeps fp32 masters).
+* fp16: scale the loss (:class:`DynamicLossScaler`), unscale the gradients with a non-finite check in one
+  pass (``gptpar.ops.unscale_check_``), skip the step on inf/nan — decided on *every* rank together, via
+  an all-reduce MAX over the world — and back off the scale; grow it after a run of good steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from gptpar.errors import GptparConfigError
+from gptpar.ops import unscale_check_
+from gptpar.parallel import comm
+from gptpar.parallel.mesh import ParallelState
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(precision: str, device_type: str = "cpu"):
+    """The forward-pass context for ``precision``: bf16/fp16 autocast, or nothing for fp32."""
+    if precision not in PRECISIONS:
+        raise GptparConfigError(f"precision={precision!r} is unknown; expected one of {PRECISIONS}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class DynamicLossScaler:
+    """fp16 loss scaling with growth and back-off; every rank skips the same steps."""
+
+    def __init__(
+        self,
+        state: ParallelState,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 1000,
+        min_scale: float = 1.0,
+    ) -> None:
+        if not (growth_factor > 1 and 0 < backoff_factor < 1 and growth_interval >= 1):
+            raise GptparConfigError(
+                f"loss scaler needs growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1; got "
+                f"{growth_factor}, {backoff_factor}, {growth_interval}"
+            )
+        self.state, self.scale = state, float(init_scale)
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.min_scale = min_scale
+        self.good_steps = 0
+        self.skipped = 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale
+
+    @torch.no_grad()
+    def unscale_(self, params) -> bool:
+        """Divide every gradient by the scale; returns True if any rank saw inf/nan (then skip the step)."""
+        grads_by_device: dict = {}
+        for p in params:
+            if p.grad is not None:
+                grads_by_device.setdefault(p.grad.device, []).append(p.grad)
+        found = torch.zeros(1, dtype=torch.float32, device=self.state.device)
+        for device, grads in grads_by_device.items():
+            flag = unscale_check_([g if g.is_contiguous() else g.contiguous() for g in grads], 1.0 / self.scale,
+                                  torch.zeros(1, dtype=torch.float32, device=device))  # fmt: skip
+            found = torch.maximum(found, flag.to(found.device))
+        comm.all_reduce(found, self.state.world, op=comm.ReduceOp.MAX)  # every rank of every group agrees
+        return bool(found.item())
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            self.good_steps = 0
+            self.skipped += 1
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale *= self.growth_factor
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.scale, self.good_steps, self.skipped = float(d["scale"]), int(d["good_steps"]), int(d["skipped"])
+
+
+@torch.no_grad()
+def global_grad_norm(params, state: ParallelState) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient, each parameter counted once across every parallel dim.
+
+    tp-sharded parameters contribute from every tp rank; tp-replicated ones only from tp rank 0; each
+    pipeline stage contributes its own parameters (a tied embedding's second copy, on the last stage, is
+    skipped); gradients replicated over dp and cp (after their reduction) are counted once.
+    """
+    sq = torch.zeros((), dtype=torch.float32, device=state.device)
+    for p in params:
+        if p.grad is None or getattr(p, "pipeline_tied_copy", False):
+            continue
+        sharded = getattr(p, "tp_dim", None) is not None
+        if sharded or state.tp.rank == 0:
+            sq += p.grad.detach().float().pow(2).sum()
+    comm.all_reduce(sq, state.tp)
+    comm.all_reduce(sq, state.pp)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float, state: ParallelState, eps: float = 1e-6) -> torch.Tensor:
+    """Scale gradients so the global norm (:func:`global_grad_norm`) is at most ``max_norm``; returns the
+    norm before clipping (the same on every rank). Same rule as ``torch.nn.utils.clip_grad_norm_``."""
+    params = [p for p in params if p.grad is not None]
+    norm = global_grad_norm(params, state)
+    coef = torch.clamp(max_norm / (norm + eps), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
