@@ -45,7 +45,7 @@ class ZeroAdamW:
         """One AdamW step on this rank's slices, then all-gather the parameters (call after ``ddp.finish()``)."""
         self.t += 1
         pending = []
-        for b, sl, master, m, v in self.slices:
+        for b, _sl, master, m, v in self.slices:
             if b.shard is None:
                 raise RuntimeError("ZeroAdamW.step() before DataParallel.finish(): no reduced gradient shard")
             adamw_step_(master, b.shard, m, v, lr=self.lr, betas=self.betas, eps=self.eps,
