@@ -42,7 +42,11 @@ def _rank(config, dp, batch, reps):
         return statistics.median(ts)
 
     out = {}
-    for name, dtype in (("gptpar fp32", torch.float32), ("gptpar bf16", torch.bfloat16), ("gptpar fp16", torch.float16)):
+    for name, dtype in (
+        ("gptpar fp32", torch.float32),
+        ("gptpar bf16", torch.bfloat16),
+        ("gptpar fp16", torch.float16),
+    ):
         model = ParallelGPT(config, st)
         ddp = DataParallel(model, st, reduce_dtype=dtype)
 

@@ -1,24 +1,39 @@
-"""The ``gptpar`` command. Subcommands arrive with their features; today: ``demo``."""
+"""The ``gptpar`` command: ``train``, ``generate``, ``convert`` and ``demo``."""
 
 from __future__ import annotations
 
 import sys
 
+COMMANDS = {
+    "train": "train a GPT across processes (gptpar train --help)",
+    "generate": "sample text from a checkpoint on one process",
+    "convert": "export a checkpoint (any layout) as one safetensors file",
+    "demo": "what `make demo` runs: a small GPT, tp=2 x pp=2 on 4 CPU processes",
+}
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "train a small GPT with tp=2 on two CPU processes (what `make demo` runs)"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        lines = [f"  {name:8s} {what}" for name, what in commands.items()]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:9s} {what}" for name, what in COMMANDS.items()]
         print("usage: gptpar COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\ngptpar: unknown command {argv[0]!r}", file=sys.stderr)
             raise SystemExit(2)
         return
-    if argv[0] == "demo":
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from gptpar.train import main as train_main
+
+        train_main(rest)
+    elif cmd == "demo":
         from gptpar.demo import main as demo_main
 
-        demo_main(argv[1:])
+        demo_main(rest)
+    else:
+        from gptpar.tools import convert_main, generate_main
+
+        (generate_main if cmd == "generate" else convert_main)(rest)
 
 
 if __name__ == "__main__":

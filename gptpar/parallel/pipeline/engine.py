@@ -93,15 +93,11 @@ class PipelineEngine:
             src_vs, tag = vs + 1, self._tag(a.mb, vs + 1, True)
         return self.p2p.recv(src_vs % self.p, tag, self.shape, self.dtype, self.state.device)
 
-    def step(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def step(self, idx: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
         """Forward + backward of the global batch ``idx, targets [B, s]`` (``B % m == 0``) in ``m``
-        microbatches. Returns the mean loss (the same on every pp rank)."""
-        if idx.shape[0] % self.m:
-            raise GptparConfigError(f"batch size {idx.shape[0]} is not divisible by micro_batches={self.m}")
-        mb_idx, mb_tgt = idx.chunk(self.m), targets.chunk(self.m)
-        first_chunk = self.chunks[0]
-        self.shape = first_chunk.hidden_shape(mb_idx[0].shape[0], idx.shape[1])
-        self.dtype = next(first_chunk.parameters()).dtype
+        microbatches; backward starts from ``loss * loss_scale / m`` (``loss_scale``: fp16 loss scaling).
+        Returns the mean (unscaled) loss, the same on every pp rank."""
+        mb_idx, mb_tgt = self._split(idx, targets)
         stats = StepStats()
         store: dict[tuple[int, int], tuple] = {}
         deferred: dict[tuple[int, int], list] = {}
@@ -146,7 +142,7 @@ class PipelineEngine:
                     if vs == self.nvs - 1:
                         _, loss = chunk(x, mb_tgt[a.mb].to(self.state.device))
                         losses.append(loss.detach())
-                        y = loss / self.m
+                        y = loss * (loss_scale / self.m)
                     else:
                         y = chunk(x)
                         self.p2p.send(y.detach(), (vs + 1) % self.p, self._tag(a.mb, vs, False))
@@ -191,6 +187,33 @@ class PipelineEngine:
         stats.total_s = time.perf_counter() - t_start
         stats.blocked_s = self.p2p.blocked_s
         self.last_stats = stats
+        return loss
+
+    def _split(self, idx: torch.Tensor, targets: torch.Tensor):
+        if idx.shape[0] % self.m:
+            raise GptparConfigError(f"batch size {idx.shape[0]} is not divisible by micro_batches={self.m}")
+        mb_idx, mb_tgt = idx.chunk(self.m), targets.chunk(self.m)
+        first_chunk = self.chunks[0]
+        self.shape = first_chunk.hidden_shape(mb_idx[0].shape[0], idx.shape[1])
+        self.dtype = next(first_chunk.parameters()).dtype
+        return mb_idx, mb_tgt
+
+    @torch.no_grad()
+    def evaluate(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward only (no graph kept): the mean loss over the batch's microbatches, on every pp rank."""
+        mb_idx, mb_tgt = self._split(idx, targets)
+        losses = []
+        for mb in range(self.m):
+            for c, chunk in enumerate(self.chunks):
+                vs = self._vs(c)
+                x = mb_idx[mb].to(self.state.device) if vs == 0 else self._post(Action("F", mb, c)).wait()
+                if vs == self.nvs - 1:
+                    losses.append(chunk(x, mb_tgt[mb].to(self.state.device))[1])
+                else:
+                    self.p2p.send(chunk(x), (vs + 1) % self.p, self._tag(mb, vs, False))
+        self.p2p.wait_sends()
+        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)
+        comm.broadcast(loss, self.state.pp, src=(self.nvs - 1) % self.p)
         return loss
 
     def _sync_tied_grads(self) -> None:

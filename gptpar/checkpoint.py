@@ -1,0 +1,180 @@
+"""Sharded checkpoints: each rank writes its own shard; a checkpoint appears only when complete.
+
+Layout on disk::
+
+    OUT/checkpoints/step_000020/meta.json        step, layout, model config, run state (rank 0)
+    OUT/checkpoints/step_000020/rank_00003.pt    this rank's parameter shards (+ tp specs), optimizer, RNG
+    OUT/checkpoints/latest                       "step_000020"
+
+Atomicity: ranks write into ``step_000020.tmp``; after a barrier rank 0 writes ``meta.json``, renames the
+folder, then replaces ``latest`` (write-then-rename). A crash at any point leaves the previous ``latest``
+pointing at a complete checkpoint. Files load with ``torch.load(weights_only=True)``: no code runs from a
+checkpoint.
+
+Resharding: a rank's file records, for every parameter, its tp sharding spec and the rank's coordinates,
+so :func:`load_full_state_dict` rebuilds the full (reference-layout) weights from any layout's files, and
+:func:`load` shards them for the current one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from gptpar.errors import GptparConfigError
+from gptpar.parallel.mesh import ParallelState
+from gptpar.parallel.tensor import shard_tensor, tp_spec, unshard_tensor
+
+CRASH_ENV = "GPTPAR_TEST_CRASH_IN_SAVE"  # tests only: die after writing this rank's file, before the rename
+
+
+def _root(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def latest(out: str) -> str | None:
+    """The newest complete checkpoint folder under ``out``, or None."""
+    path = os.path.join(_root(out), "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    folder = os.path.join(_root(out), name)
+    return folder if os.path.exists(os.path.join(folder, "meta.json")) else None
+
+
+def _barrier(state: ParallelState) -> None:
+    if state.world_size > 1:
+        from gptpar.parallel import comm
+
+        comm.all_reduce(torch.zeros(1, device=state.device), state.world)
+
+
+def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dict, extra: dict | None = None) -> str:
+    """Write this rank's shard of step ``step``; returns the checkpoint folder (collective over the world)."""
+    name = f"step_{step:06d}"
+    final = os.path.join(_root(out), name)
+    tmp = final + ".tmp"
+    if state.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(state)
+    params, specs = {}, {}
+    for chunk in chunks:
+        for n, p in chunk.named_parameters(remove_duplicate=False):
+            params[n] = p.detach().cpu().clone()
+            specs[n] = list(tp_spec(p))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and state.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(state.device)
+    blob = {
+        "params": params,
+        "specs": specs,
+        "coords": state.coords,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng,
+        "extra": extra or {},
+    }
+    path = os.path.join(tmp, f"rank_{state.rank:05d}.pt")
+    torch.save(blob, path + ".part")
+    os.replace(path + ".part", path)
+    if os.environ.get(CRASH_ENV) == str(step) and state.rank == state.world_size - 1:
+        os._exit(17)  # simulated crash mid-save (tests)
+    _barrier(state)
+    if state.rank == 0:
+        full_meta = {**meta, "step": step, "world_size": state.world_size,
+                     "layout": {"tp": state.layout.tp, "pp": state.layout.pp, "dp": state.layout.dp, "cp": state.layout.cp}}  # fmt: skip
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(full_meta, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = os.path.join(_root(out), "latest")
+        with open(pointer + ".tmp", "w") as f:
+            f.write(name)
+        os.replace(pointer + ".tmp", pointer)
+    _barrier(state)
+    return final
+
+
+def read_meta(folder: str) -> dict:
+    path = os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        raise GptparConfigError(f"{folder!r} is not a complete gptpar checkpoint (no meta.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_full_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights (reference parameter names) from a checkpoint of any layout."""
+    meta = read_meta(folder)
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    specs: dict[str, tuple] = {}
+    for r in range(meta["world_size"]):
+        blob = _load(os.path.join(folder, f"rank_{r:05d}.pt"))
+        c = blob["coords"]
+        if c["dp"] != 0 or c["cp"] != 0:
+            continue  # replicas
+        for n, t in blob["params"].items():
+            pieces.setdefault(n, {})[c["tp"]] = t
+            specs[n] = tuple(blob["specs"][n])
+    full = {}
+    for n, by_tp in pieces.items():
+        dim, chunks = specs[n]
+        full[n] = unshard_tensor([by_tp[i] for i in sorted(by_tp)], dim, chunks) if dim is not None else by_tp[0]
+    return full
+
+
+def check_config(meta: dict, config_dict: dict, folder: str) -> None:
+    saved = meta.get("model", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in config_dict.items() if saved.get(k) != v]
+    if diffs:
+        raise GptparConfigError(f"checkpoint {folder!r} was saved for a different model ({'; '.join(diffs)})")
+
+
+def load(folder: str, chunks, optimizer, state: ParallelState, config_dict: dict) -> dict:
+    """Restore weights (any saved layout) and, for the same layout, optimizer and RNG state. Returns meta."""
+    meta = read_meta(folder)
+    check_config(meta, config_dict, folder)
+    same_layout = meta["layout"] == {
+        "tp": state.layout.tp,
+        "pp": state.layout.pp,
+        "dp": state.layout.dp,
+        "cp": state.layout.cp,
+    }
+    if same_layout:
+        blob = _load(os.path.join(folder, f"rank_{state.rank:05d}.pt"))
+        with torch.no_grad():
+            for chunk in chunks:
+                for n, p in chunk.named_parameters(remove_duplicate=False):
+                    p.copy_(blob["params"][n])
+        if optimizer is not None and blob["optimizer"] is not None:
+            optimizer.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        if "cuda" in blob["rng"] and state.device.type == "cuda":
+            torch.cuda.set_rng_state(blob["rng"]["cuda"], state.device)
+        meta["resharded"] = False
+        meta["extra"] = blob["extra"]
+        return meta
+    full = load_full_state_dict(folder)
+    with torch.no_grad():
+        for chunk in chunks:
+            for n, p in chunk.named_parameters(remove_duplicate=False):
+                src = full.get(n, full.get("wte.weight") if n == "lm_head.weight" else None)
+                if src is None:
+                    raise GptparConfigError(f"checkpoint {folder!r} has no parameter {n!r}")
+                dim, c = tp_spec(p)
+                p.copy_(shard_tensor(src, dim, c, state.tp.size, state.tp.rank))
+    meta["resharded"] = True
+    meta["extra"] = {}
+    if dist.is_initialized() and state.rank == 0:
+        print(f"gptpar: resharded checkpoint from {meta['layout']} to {state.layout}; optimizer state starts fresh")
+    return meta

@@ -1,0 +1,413 @@
+"""``gptpar train``: train a GPT across processes on real text, with checkpoints, progress and plots.
+
+    gptpar train --nproc 4 --tp 2 --pp 2 --steps 200            # 4 CPU processes (gloo) or GPUs (NCCL)
+    torchrun --nnodes 2 --nproc-per-node 8 -m gptpar.train ...   # multi-node: just joins the outer torchrun
+
+Everything is validated before any process starts. ``--nproc N`` starts the workers through torchrun's
+elastic launcher (``torch.distributed.run``; ``--max-restarts`` restarts failed workers, which resume from
+the last checkpoint). Rank 0 shows a progress bar, writes ``OUT/log.jsonl`` (one line per step), and at the
+end ``OUT/loss.png`` and ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import tomllib
+import torch
+
+from gptpar.errors import GptparConfigError
+from gptpar.models.gpt import PRESETS, GPTConfig, preset
+from gptpar.parallel.mesh import ParallelLayout
+from gptpar.parallel.pipeline.schedules import SCHEDULES
+from gptpar.precision import PRECISIONS
+
+ARGV_ENV = "GPTPAR_TRAIN_ARGV"
+KILL_ENV = "GPTPAR_TEST_KILL_AT_STEP"  # tests only: rank 1 dies once at this step (fault-tolerance test)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gptpar train", description="Train a GPT with tensor/pipeline/data/context parallelism."
+    )
+    a = p.add_argument
+    a("--config", help="TOML file of options (command-line flags override it)")
+    a("--nproc", type=int, help="processes to start on this machine (default: tp*pp*dp*cp)")
+    a("--tp", type=int, default=1)
+    a("--pp", type=int, default=1)
+    a("--dp", type=int, help="default: nproc / (tp*pp*cp)")
+    a("--cp", type=int, default=1)
+    a("--schedule", default="1f1b", choices=SCHEDULES)
+    a("--virtual-stages", type=int, default=2, help="model chunks per rank for --schedule interleaved")
+    a("--sequence-parallel", action="store_true")
+    a("--precision", default="fp32", choices=PRECISIONS)
+    a("--reduce-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="data-parallel gradient reduction")
+    a("--model", default="tiny", choices=sorted(PRESETS))
+    a("--n-layer", type=int)
+    a("--n-head", type=int)
+    a("--d-model", type=int)
+    a("--seq-len", type=int)
+    a("--dropout", type=float)
+    a("--steps", type=int, default=200)
+    a("--batch-size", type=int, default=16, help="global batch, in sequences")
+    a("--micro-batches", type=int, default=None, help="default: 2*pp with pipelining, else 1")
+    a("--lr", type=float, default=3e-3)
+    a("--min-lr", type=float, default=None, help="default: lr/10")
+    a("--warmup", type=int, default=20)
+    a("--weight-decay", type=float, default=0.1)
+    a("--grad-clip", type=float, default=1.0)
+    a("--eval-every", type=int, default=50)
+    a("--eval-batches", type=int, default=4)
+    a("--save-every", type=int, default=0, help="0: only at the end")
+    a("--out", default="runs/gptpar")
+    a("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    a("--data", help="text file, folder of text files, or nanoGPT .bin (default: this machine's Python stdlib)")
+    a("--tokenizer", default="bpe", choices=("bpe", "bytes"))
+    a("--vocab", type=int, default=2048, help="BPE vocabulary size")
+    a("--vocab-size", type=int, help="for a pre-tokenised .bin: its vocabulary size")
+    a("--cache-dir")
+    a("--seed", type=int, default=1234)
+    a("--max-restarts", type=int, default=0)
+    a("--peak-tflops", type=float, default=None, help="per-rank peak for the MFU estimate (default: 989 GPU, 0.4 CPU)")
+    a("--no-progress", action="store_true")
+    return p
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    layout: ParallelLayout
+    model: GPTConfig
+    micro_batches: int
+    nproc: int
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        if not os.path.exists(args.config):
+            raise GptparConfigError(f"--config {args.config!r} does not exist")
+        with open(args.config, "rb") as f:
+            table = tomllib.load(f)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in table if k.replace("-", "_") not in known)
+        if unknown:
+            raise GptparConfigError(f"--config {args.config!r}: unknown option(s) {unknown}")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in table.items()})
+        args = parser.parse_args(argv)
+    return args
+
+
+def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
+    """Check every option against every other; raises GptparConfigError naming the value and the rule."""
+    rest = args.tp * args.pp * args.cp
+    for name in ("tp", "pp", "cp", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise GptparConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.dp is None:
+        nproc = args.nproc or rest
+        if nproc % rest:
+            raise GptparConfigError(f"--nproc {nproc} is not divisible by tp*pp*cp = {rest}")
+        dp = nproc // rest
+    else:
+        dp = args.dp
+        nproc = args.nproc or rest * dp
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, dp=dp, cp=args.cp)
+    if nproc != layout.world_size:
+        raise GptparConfigError(f"--nproc {nproc} != tp*pp*dp*cp = {layout.world_size}")
+    over = {
+        k: getattr(args, k)
+        for k in ("n_layer", "n_head", "d_model", "seq_len", "dropout")
+        if getattr(args, k) is not None
+    }
+    if vocab_size is not None:
+        over["vocab_size"] = -(-vocab_size // args.tp) * args.tp  # padded to a multiple of tp
+    model = preset(args.model, **over)
+    layout.validate_model(model)
+    if args.schedule == "interleaved" and args.pp == 1:
+        raise GptparConfigError("--schedule interleaved needs --pp > 1")
+    m = args.micro_batches or (2 * args.pp if args.pp > 1 else 1)
+    if args.schedule == "interleaved":
+        if m % args.pp:
+            raise GptparConfigError(
+                f"--micro-batches {m} must be divisible by --pp {args.pp} for the interleaved schedule"
+            )
+        if model.n_layer + 2 < args.pp * args.virtual_stages:
+            raise GptparConfigError(
+                f"{model.n_layer} layers + embedding + head cannot fill pp*virtual_stages = {args.pp * args.virtual_stages} stages"
+            )
+    if args.batch_size % (dp * m):
+        raise GptparConfigError(f"--batch-size {args.batch_size} is not divisible by dp*micro_batches = {dp}*{m}")
+    if args.cp > 1 and model.dropout > 0:
+        raise GptparConfigError(
+            "--dropout > 0 is not supported with --cp > 1 (attention dropout under context parallelism)"
+        )
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        print("gptpar train: note: fp16 matmuls are very slow on CPU; prefer --precision bf16", file=sys.stderr)
+    if args.resume and not os.path.exists(os.path.join(args.out, "checkpoints", "latest")):
+        raise GptparConfigError(f"--resume: no checkpoint in {args.out!r}")
+    return Run(args, layout, model, m, nproc)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def worker(argv: list[str]) -> None:
+    from gptpar import checkpoint
+    from gptpar.data import get_batch, prepare
+    from gptpar.models.parallel_gpt import ParallelGPT
+    from gptpar.parallel import comm
+    from gptpar.parallel.data import DataParallel, allreduce_gradients
+    from gptpar.parallel.mesh import init_parallel
+    from gptpar.pipeline import make_pipeline
+    from gptpar.precision import DynamicLossScaler, autocast, clip_grad_norm_
+
+    args = parse(argv)
+    corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
+    vocab = args.vocab_size or corpus.vocab_size
+    run = resolve(args, vocab)
+    torch.manual_seed(args.seed)
+    st = init_parallel(run.layout, seed=args.seed)
+    cfg = run.model
+    options = {"sequence_parallel": args.sequence_parallel}
+    if args.pp > 1:
+        v = args.virtual_stages if args.schedule == "interleaved" else 1
+        engine, part = make_pipeline(cfg, st, args.schedule, run.micro_batches, v, **options)
+        chunks = engine.chunks
+        if st.rank == 0:
+            print(part.report())
+    else:
+        engine = None
+        chunks = [ParallelGPT(cfg, st, **options)]
+    params = [p for c in chunks for p in c.parameters()]
+    reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reduce_dtype]
+    ddp = DataParallel(params, st, reduce_dtype=reduce_dtype) if st.dp.size > 1 else None
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
+    scaler = DynamicLossScaler(st) if args.precision == "fp16" else None
+    meta = {"model": cfg.to_dict(), "tokenizer": corpus.tokenizer_path, "data": args.data, "args": vars(args)}
+    start = 0
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    folder = checkpoint.latest(args.out)
+    if (args.resume or restarted) and folder is not None:
+        loaded = checkpoint.load(folder, chunks, opt, st, cfg.to_dict())
+        start = loaded["step"]
+        if scaler is not None and "scaler" in loaded["extra"]:
+            scaler.load_state_dict(loaded["extra"]["scaler"])
+    rank0 = st.rank == 0
+    log_path = os.path.join(args.out, "log.jsonl")
+    if rank0:
+        os.makedirs(args.out, exist_ok=True)
+        kept = []
+        if start > 0 and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= start]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    per_dp = args.batch_size // st.dp.size
+    m = run.micro_batches
+    device_type = st.device.type
+    n_params = cfg.num_params()
+    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    peak = (args.peak_tflops or (989.0 if device_type == "cuda" else 0.4)) * 1e12
+    bar = None
+    if rank0 and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+    comm_s, tokens_done, t_run = 0.0, 0, time.perf_counter()
+
+    def evaluate() -> float:
+        for c in chunks:
+            c.eval()
+        losses = []
+        for i in range(args.eval_batches):
+            x, y = get_batch(corpus.val, cfg.seq_len, per_dp, args.seed + 7, i, st.dp.rank, st.dp.size)
+            with torch.no_grad(), autocast(args.precision, device_type):
+                loss = engine.evaluate(x, y) if engine else chunks[0](x.to(st.device), y.to(st.device))[1]
+            losses.append(loss.float())
+        for c in chunks:
+            c.train()
+        val = torch.stack(losses).mean()
+        comm.all_reduce(val, st.dp)
+        return val.item() / st.dp.size
+
+    for step in range(start, args.steps):
+        if os.environ.get(KILL_ENV) == str(step) and st.rank == min(1, st.world_size - 1):
+            marker = os.path.join(args.out, ".killed-once")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(3)  # simulated worker failure (tests)
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = get_batch(corpus.train, cfg.seq_len, per_dp, args.seed, step, st.dp.rank, st.dp.size)
+        x, y = x.to(st.device), y.to(st.device)
+        scale = scaler.scale if scaler else 1.0
+        if engine is not None:
+            sync = ddp.no_sync() if ddp else _null()
+            with sync, autocast(args.precision, device_type):
+                loss = engine.step(x, y, loss_scale=scale)
+            comm_s += engine.last_stats.blocked_s
+        else:
+            xs, ys = x.chunk(m), y.chunk(m)
+            total = torch.zeros((), device=st.device)
+            for i in range(m):
+                sync = ddp.no_sync() if (ddp and i < m - 1) else _null()
+                with sync:
+                    with autocast(args.precision, device_type):
+                        _, loss_i = chunks[0](xs[i], ys[i])
+                    (loss_i * (scale / m)).backward()
+                total += loss_i.detach().float()
+            loss = total / m
+        tc = time.perf_counter()
+        if ddp:
+            ddp.finish()
+        if st.cp.size > 1:
+            for c in chunks:
+                allreduce_gradients(c, st.cp)
+        comm_s += time.perf_counter() - tc
+        skip = scaler.unscale_(params) if scaler else False
+        if not skip:
+            if args.grad_clip > 0:
+                clip_grad_norm_(params, args.grad_clip, st)
+            opt.step()
+        if scaler:
+            scaler.update(skip)
+        if ddp:
+            ddp.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=True)
+        loss = loss.detach().float()
+        comm.all_reduce(loss, st.dp)
+        loss_value = loss.item() / st.dp.size
+        dt = time.perf_counter() - t0
+        tokens = args.batch_size * cfg.seq_len
+        tokens_done += tokens
+        record = {"step": step + 1, "loss": loss_value, "lr": lr, "tokens_per_s": tokens / dt,
+                  "mfu": tokens / dt * flops_per_token / (peak * st.world_size), "time_s": dt,
+                  "loss_scale": scaler.scale if scaler else None, "skipped": bool(skip)}  # fmt: skip
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            record["val_loss"] = evaluate()
+        if rank0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar:
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.1%}",
+                                lr=f"{lr:.2e}", scale=scaler.scale if scaler else "-")  # fmt: skip
+                bar.update(1)
+        last = step + 1 == args.steps
+        if (args.save_every and (step + 1) % args.save_every == 0) or last:
+            extra = {"scaler": scaler.state_dict()} if scaler else {}
+            checkpoint.save(args.out, step + 1, chunks, opt, st, meta, extra)
+    if bar:
+        bar.close()
+    elapsed = time.perf_counter() - t_run
+    peak_mem = torch.tensor(
+        [torch.cuda.max_memory_allocated(st.device) if device_type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024],
+        dtype=torch.float64, device=st.device,
+    )  # fmt: skip
+    mems = comm.all_gather(peak_mem, st.world, 0).tolist()
+    if rank0:
+        summary = {"steps": args.steps, "layout": str(st.layout), "tokens_per_s": tokens_done / elapsed if elapsed else 0,
+                   "peak_memory_bytes_per_rank": mems, "time_in_communication_s_rank0": comm_s, "elapsed_s": elapsed}  # fmt: skip
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plot_losses(log_path, os.path.join(args.out, "loss.png"))
+        print(f"gptpar train: {args.steps} steps, {summary['tokens_per_s']:,.0f} tokens/s, peak memory per rank "
+              f"{max(mems) / 2**20:.0f} MiB, {comm_s:.1f}s in communication (rank 0); "
+              f"log {log_path}, plot {os.path.join(args.out, 'loss.png')}")  # fmt: skip
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def plot_losses(log_path: str, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun (ours or an outer one): be a worker
+        # Our launcher hands the options over in the environment: torchrun's own parser would otherwise
+        # take abbreviations such as --nproc for its --nproc-per-node.
+        try:
+            worker(json.loads(os.environ[ARGV_ENV]) if ARGV_ENV in os.environ else argv)
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_initialized():  # a clean exit: gloo's threads must not outlive the interpreter
+                if sys.exc_info()[0] is None:
+                    dist.barrier()  # nobody tears down its connections while a peer still uses them
+                dist.destroy_process_group()
+        return
+    try:
+        args = parse(argv)
+        from gptpar.data import prepare
+
+        # Tokenise once here, before any worker starts (they then hit the cache), and validate everything.
+        corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
+        run = resolve(args, args.vocab_size or corpus.vocab_size)
+    except GptparConfigError as e:
+        print(f"gptpar train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    launch = [
+        "--standalone",
+        f"--nproc-per-node={run.nproc}",
+        f"--max-restarts={args.max_restarts}",
+        "-m",
+        "gptpar.train",
+    ]
+    os.environ[ARGV_ENV] = json.dumps(argv)
+    try:
+        torchrun(parse_args(launch))
+    except Exception as e:  # torchrun's ChildFailedError already printed each rank's traceback
+        print(f"gptpar train: failed: {type(e).__name__}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
