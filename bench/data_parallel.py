@@ -50,18 +50,18 @@ def _rank(config, dp, batch, reps):
         model = ParallelGPT(config, st)
         ddp = DataParallel(model, st, reduce_dtype=dtype)
 
-        def overlapped():
+        def overlapped(model=model, ddp=ddp):
             model(idx, idx)[1].backward()
             ddp.finish()
             ddp.zero_grad()
 
-        def after_backward():
+        def after_backward(model=model, ddp=ddp):
             with ddp.no_sync():
                 model(idx, idx)[1].backward()
             ddp.finish()
             ddp.zero_grad()
 
-        def no_comm():
+        def no_comm(model=model, ddp=ddp):
             with ddp.no_sync():
                 model(idx, idx)[1].backward()
             ddp.zero_grad()
