@@ -388,6 +388,11 @@ def main(argv: list[str] | None = None) -> None:
         # Tokenise once here, before any worker starts (they then hit the cache), and validate everything.
         corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
         run = resolve(args, args.vocab_size or corpus.vocab_size)
+        if args.resume:  # refuse a checkpoint of another model here, not deep inside a worker
+            from gptpar import checkpoint
+
+            folder = checkpoint.latest(args.out)
+            checkpoint.check_config(checkpoint.read_meta(folder), run.model.to_dict(), folder)
     except GptparConfigError as e:
         print(f"gptpar train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

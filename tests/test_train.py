@@ -1,0 +1,190 @@
+"""`gptpar train` end to end: real processes through torchrun's launcher, on the embedded corpus."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptpar import checkpoint
+from gptpar.models.gpt import GPTConfig
+from gptpar.testing import run_distributed
+
+SMALL = ["--n-layer", "2", "--d-model", "64", "--n-head", "4", "--seq-len", "32", "--tokenizer", "bytes",
+         "--batch-size", "8", "--micro-batches", "2", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def train(out, *args, cache=None, env=None, check=True, steps=20):
+    cmd = [sys.executable, "-m", "gptpar.train", *SMALL, "--steps", str(steps), "--eval-every", "10", "--out", str(out),
+           *(["--cache-dir", cache] if cache else []), *args]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("single")
+    train(out, "--nproc", "1", cache=cache)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2pp2(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("tp2pp2")
+    train(out, "--nproc", "4", "--tp", "2", "--pp", "2", "--save-every", "10", cache=cache)
+    return out
+
+
+def test_single_process_run_learns_and_writes_its_outputs(single):
+    log = losses(single)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0  # the loss visibly falls
+    assert "val_loss" in log[9] and "val_loss" in log[19] and log[19]["val_loss"] < 5.0
+    for name in ("loss.png", "summary.json"):
+        assert os.path.getsize(os.path.join(single, name)) > 0
+    summary = json.load(open(os.path.join(single, "summary.json")))
+    assert summary["tokens_per_s"] > 0 and len(summary["peak_memory_bytes_per_rank"]) == 1
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2", "--pp", "2"], ["--dp", "2", "--tp", "2"]], ids=["tp2xpp2", "dp2xtp2"])
+def test_four_process_layouts_match_the_single_process_run_step_for_step(single, tp2pp2, tmp_path, cache, layout):
+    out = tp2pp2 if layout == ["--tp", "2", "--pp", "2"] else tmp_path
+    if out is tmp_path:
+        train(out, "--nproc", "4", *layout, cache=cache)
+    want, got = losses(single), losses(out)
+    assert len(got) == 20
+    for w, g in zip(want, got, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
+    assert got[-1]["val_loss"] == pytest.approx(want[-1]["val_loss"], rel=1e-5)
+
+
+def _reshard(folder, tp):
+    from gptpar import ParallelLayout, init_parallel
+    from gptpar.models import ParallelGPT, gather_state_dict
+
+    meta = checkpoint.read_meta(folder)
+    cfg = GPTConfig.from_dict(meta["model"])
+    st = init_parallel(ParallelLayout(tp=tp))
+    model = ParallelGPT(cfg, st, seed=4321)  # different init, overwritten by the load
+    loaded = checkpoint.load(folder, [model], None, st, cfg.to_dict())
+    return loaded["resharded"], gather_state_dict(model, st.tp)
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_checkpoint_reshards_to_another_layout_with_identical_weights(tp2pp2, tp):
+    folder = checkpoint.latest(str(tp2pp2))
+    assert folder.endswith("step_000020")
+    full = checkpoint.load_full_state_dict(folder)
+    resharded, sd = run_distributed(_reshard, tp, folder, tp)[0]
+    assert resharded is True
+    for k, v in full.items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_convert_exports_safetensors_and_generate_samples(tp2pp2, tmp_path):
+    from safetensors.torch import load_file
+
+    dst = tmp_path / "model.safetensors"
+    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "convert", "--ckpt", str(tp2pp2), "--out", str(dst)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    tensors = load_file(str(dst))
+    full = checkpoint.load_full_state_dict(checkpoint.latest(str(tp2pp2)))
+    assert set(tensors) == set(full) - {"lm_head.weight"}
+    assert all(torch.equal(tensors[k], full[k]) for k in tensors)
+    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "generate", "--ckpt", str(tp2pp2), "--prompt", "import ",
+                          "--tokens", "30"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("import ") and len(res.stdout) > len("import ") + 10
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, cache):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(a, "--nproc", "2", "--tp", "2", "--save-every", "3", cache=cache, steps=6)
+    train(b, "--nproc", "2", "--tp", "2", "--save-every", "3", cache=cache, steps=3)
+    train(b, "--nproc", "2", "--tp", "2", "--save-every", "3", "--resume", cache=cache, steps=6)
+    la, lb = losses(a), losses(b)
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]  # exactly, step for step
+    fa = checkpoint.load_full_state_dict(checkpoint.latest(str(a)))
+    fb = checkpoint.load_full_state_dict(checkpoint.latest(str(b)))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    oa = torch.load(os.path.join(checkpoint.latest(str(a)), "rank_00000.pt"), weights_only=True)["optimizer"]
+    ob = torch.load(os.path.join(checkpoint.latest(str(b)), "rank_00000.pt"), weights_only=True)["optimizer"]
+    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
+
+
+def test_crash_during_save_leaves_the_last_checkpoint_loadable(tmp_path, cache):
+    res = train(tmp_path, "--nproc", "2", "--tp", "2", "--save-every", "2", cache=cache, steps=6, check=False,
+                env={checkpoint.CRASH_ENV: "4"})  # fmt: skip
+    assert res.returncode != 0
+    folder = checkpoint.latest(str(tmp_path))
+    assert folder.endswith("step_000002")
+    assert os.path.exists(str(tmp_path / "checkpoints" / "step_000004.tmp"))  # the torn write, never promoted
+    assert checkpoint.read_meta(folder)["step"] == 2
+    assert len(checkpoint.load_full_state_dict(folder)) > 0
+
+
+def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_path, cache):
+    res = train(tmp_path, "--nproc", "2", "--dp", "2", "--save-every", "2", "--max-restarts", "1", cache=cache,
+                steps=6, env={"GPTPAR_TEST_KILL_AT_STEP": "3"})  # fmt: skip
+    assert res.returncode == 0
+    assert os.path.exists(tmp_path / ".killed-once")  # a worker really died
+    assert [r["step"] for r in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]  # resumed from step 2, no gaps or repeats
+    assert checkpoint.latest(str(tmp_path)).endswith("step_000006")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/corpus.txt"], "--data '/nonexistent/corpus.txt' does not exist"),
+        (["--data", "EMPTY"], "is empty: there is no text to train on"),
+        (["--nproc", "2", "--tp", "2", "--n-head", "3", "--d-model", "48"], "n_head=3 is not divisible by tp=2"),
+        (["--nproc", "3", "--tp", "2"], "--nproc 3 is not divisible by tp*pp*cp = 2"),
+        (["--config", "BADTOML"], "unknown option(s) ['learning_rate']"),
+        (["--resume"], "--resume: no checkpoint in"),
+    ],
+)
+def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 0.1\n")
+    args = [str(empty) if a == "EMPTY" else str(bad) if a == "BADTOML" else a for a in args]
+    out = tmp_path / "run"
+    res = train(out, *args, cache=cache, check=False)
+    assert res.returncode == 2
+    assert "gptpar train: error: " in res.stderr and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_resume_same_model_continues_and_a_different_model_is_refused(tp2pp2, cache):
+    res = train(tp2pp2, "--nproc", "4", "--tp", "2", "--pp", "2", "--resume", cache=cache, steps=30)
+    assert [r["step"] for r in losses(tp2pp2)][-11:] == list(range(20, 31))
+    before = sorted(os.listdir(tp2pp2 / "checkpoints"))
+    log_before = open(tp2pp2 / "log.jsonl").read()
+    res = subprocess.run(
+        [sys.executable, "-m", "gptpar.train", *SMALL[:1], "4", *SMALL[2:], "--steps", "40", "--out", str(tp2pp2),
+         "--cache-dir", cache, "--resume", "--nproc", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert "gptpar train: error: checkpoint" in res.stderr
+    assert "was saved for a different model (n_layer: checkpoint 2 vs now 4)" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert sorted(os.listdir(tp2pp2 / "checkpoints")) == before  # nothing overwritten
+    assert open(tp2pp2 / "log.jsonl").read() == log_before
