@@ -3,6 +3,7 @@
 from gptpar.errors import CollectiveTimeoutError, GptparConfigError, GptparError
 from gptpar.models import GPT, GPTConfig, ParallelGPT
 from gptpar.parallel import ParallelLayout, ParallelState, init_parallel
+from gptpar.parallelize import parallelize
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "ParallelLayout",
     "ParallelState",
     "init_parallel",
+    "parallelize",
 ]

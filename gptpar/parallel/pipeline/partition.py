@@ -146,3 +146,23 @@ def partition(config: GPTConfig, pp: int, v: int = 1, costs: str | list[float] =
     if len(c) != len(names):
         raise GptparConfigError(f"got {len(c)} unit costs for {len(names)} units ({names[0]}, ..., {names[-1]})")
     return Partition(tuple(names), tuple(float(x) for x in c), tuple(balance(c, pp * v)), pp, v)
+
+
+def split(model, pp: int, blocks: str, rank: int | None = None, costs: list[float] | None = None):
+    """Cut the block stack at attribute path ``blocks`` (e.g. ``"transformer.h"``) of any model into ``pp``
+    balanced contiguous stages (by parameter count unless ``costs`` are given). Returns a list of
+    ``nn.ModuleList`` (one per stage); with ``rank``, only that stage's, and the other stages' blocks are
+    dropped from ``model`` (replaced by ``nn.Identity``) so their weights can be freed."""
+    from torch import nn
+
+    stack = model.get_submodule(blocks)
+    c = list(costs) if costs is not None else [float(sum(p.numel() for p in b.parameters())) for b in stack]
+    bounds = balance(c, pp)
+    stages = [nn.ModuleList(stack[i] for i in range(a, b)) for a, b in bounds]
+    if rank is None:
+        return stages
+    a, b = bounds[rank]
+    for i in range(len(stack)):
+        if not a <= i < b:
+            stack[i] = nn.Identity()
+    return [stages[rank]]
