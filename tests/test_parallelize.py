@@ -135,18 +135,22 @@ def _train(kind, tp, steps=3):
     return history, weights
 
 
+def _close(got, want, where):
+    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{where}: {m}")
+
+
 @pytest.mark.parametrize("kind", ["hf", "nanogpt"])
 def test_parallelized_model_matches_original_logits_grads_and_training(kind):
     ref_hist, ref_w = _train(kind, 0)
     for hist, weights in run_distributed(_train, 2, kind, 2):
-        for s, ((l, lg, gr), (rl, rlg, rgr)) in enumerate(zip(hist, ref_hist, strict=True)):
-            torch.testing.assert_close(l, rl, **TOL, msg=lambda m: f"{kind} step {s} loss {m}")
-            torch.testing.assert_close(lg, rlg, **TOL, msg=lambda m: f"{kind} step {s} logits {m}")
-            assert gr.keys() == rgr.keys()
-            for n in rgr:
-                torch.testing.assert_close(gr[n], rgr[n], **TOL, msg=lambda m: f"{kind} step {s} grad {n}: {m}")
+        for s, ((loss, logits, grads), (r_loss, r_logits, r_grads)) in enumerate(zip(hist, ref_hist, strict=True)):
+            _close(loss, r_loss, f"{kind} step {s} loss")
+            _close(logits, r_logits, f"{kind} step {s} logits")
+            assert grads.keys() == r_grads.keys()
+            for n in r_grads:
+                _close(grads[n], r_grads[n], f"{kind} step {s} grad {n}")
         for n in ref_w:
-            torch.testing.assert_close(weights[n], ref_w[n], **TOL, msg=lambda m: f"{kind} weight {n}: {m}")
+            _close(weights[n], ref_w[n], f"{kind} weight {n} after 3 steps")
 
 
 class WithExtraHead(NanoGPT):
