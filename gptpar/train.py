@@ -371,16 +371,17 @@ def main(argv: list[str] | None = None) -> None:
     if "LOCAL_RANK" in os.environ:  # started by torchrun (ours or an outer one): be a worker
         # Our launcher hands the options over in the environment: torchrun's own parser would otherwise
         # take abbreviations such as --nproc for its --nproc-per-node.
-        try:
-            worker(json.loads(os.environ[ARGV_ENV]) if ARGV_ENV in os.environ else argv)
-        finally:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            if dist.is_initialized():  # a clean exit: gloo's threads must not outlive the interpreter
-                if sys.exc_info()[0] is None:
-                    dist.barrier()  # nobody tears down its connections while a peer still uses them
-                dist.destroy_process_group()
-        return
+        worker(json.loads(os.environ[ARGV_ENV]) if ARGV_ENV in os.environ else argv)
+        if dist.is_initialized():
+            dist.barrier()  # nobody tears down its connections while a peer still uses them
+            dist.destroy_process_group()
+        # Skip the interpreter's teardown: a gloo thread still joinable there aborts the process
+        # ("terminate called without an active exception") after a run that succeeded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     try:
         args = parse(argv)
         from gptpar.data import prepare

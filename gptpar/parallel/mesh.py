@@ -253,7 +253,12 @@ def init_parallel(
                 backend, init_method=init_method or "env://", rank=rank, world_size=world_size, timeout=timeout
             )
         elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            # torchrun keeps one store across worker restarts: a restarted round would read the dead
+            # round's addresses. Key this round's process-group set-up by the restart count.
+            store, r, ws = next(dist.rendezvous("env://", timeout=timeout))
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"gptpar/restart{restart}", store)
+            dist.init_process_group(backend, store=store, rank=r, world_size=ws, timeout=timeout)
         else:
             # A world of one: no launcher needed; collectives over size-1 groups are no-ops.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
