@@ -248,3 +248,28 @@ def test_global_grad_norm_single_rank_equals_torch():
     model(idx, tgt)[1].backward()
     want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     close(global_grad_norm(model.parameters(), st), want, "norm")
+
+
+def _zero_bf16_params():
+    st = init_parallel(ParallelLayout(dp=2))
+    model = ParallelGPT(CONFIG, st).to(torch.bfloat16)  # bf16 weights on the model, fp32 masters in ZeRO
+    ddp = DataParallel(model, st, shard_grads=True, reduce_dtype=torch.bfloat16)
+    opt = ZeroAdamW(ddp, lr=3e-3)
+    idx, tgt = batch(CONFIG, seed=0, b=4)
+    idx, tgt = idx[st.dp.rank * 2 : st.dp.rank * 2 + 2], tgt[st.dp.rank * 2 : st.dp.rank * 2 + 2]
+    losses = []
+    for _ in range(8):  # memorise one batch
+        _, loss = model(idx, tgt)
+        loss.backward()
+        ddp.finish()
+        opt.step()
+        ddp.zero_grad()
+        losses.append(loss.item())
+    masters = {s[2].dtype for s in opt.slices}
+    return losses, {p.dtype for p in model.parameters()}, masters
+
+
+def test_bf16_parameters_with_fp32_master_weights_train():
+    for losses, param_dtypes, master_dtypes in run_distributed(_zero_bf16_params, 2):
+        assert param_dtypes == {torch.bfloat16} and master_dtypes == {torch.float32}
+        assert losses[-1] < losses[0] - 0.5, losses

@@ -188,3 +188,19 @@ def test_resume_same_model_continues_and_a_different_model_is_refused(tp2pp2, ca
     assert "Traceback" not in res.stderr
     assert sorted(os.listdir(tp2pp2 / "checkpoints")) == before  # nothing overwritten
     assert open(tp2pp2 / "log.jsonl").read() == log_before
+
+
+def test_pretokenised_nanogpt_bin_and_a_text_folder(tmp_path, cache):
+    import numpy as np
+
+    pattern = np.tile(np.arange(50, dtype=np.uint16), 400)  # a learnable stream of 20,000 tokens
+    pattern.tofile(tmp_path / "train.bin")
+    train(tmp_path / "a", "--nproc", "1", "--data", str(tmp_path / "train.bin"), "--vocab-size", "64", cache=cache, steps=15)
+    log = losses(tmp_path / "a")
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    (docs / "b.md").write_text("# notes\n" + "pack my box with five dozen liquor jugs. " * 200)
+    train(tmp_path / "b", "--nproc", "1", "--data", str(docs), cache=cache, steps=5)
+    assert len(losses(tmp_path / "b")) == 5

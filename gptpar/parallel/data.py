@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from gptpar.errors import GptparConfigError
-from gptpar.ops import pack_cast
+from gptpar.ops import pack_cast, unpack_accumulate
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import Group, ParallelState
 
@@ -259,7 +259,9 @@ class DataParallel:
         b.stage = 2
 
     def _stage3(self, b: Bucket) -> None:
-        b.grad.copy_(b.work.wait())
+        gathered = b.work.wait()
+        b.grad.zero_()
+        unpack_accumulate(gathered, [b.grad], 1.0)  # low precision -> the bucket's dtype, one pass
         b.stage = 3
 
     def _hierarchical_allreduce(self, flat: torch.Tensor) -> None:
