@@ -49,11 +49,14 @@ def _linear_params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int
 class Colwise:
     chunks: int = 1
     gather_output: bool = False
+    sequence_parallel: bool = False  # input is sequence-sharded along seq_dim: all-gather it first
+    seq_dim: int = 1
 
     def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
         w, b, fin, fout = _linear_params(m)
         new = ColumnParallelLinear(fin, fout, b is not None, group=state.tp, gather_output=self.gather_output,
-                                   chunks=self.chunks, device=w.device, dtype=w.dtype)  # fmt: skip
+                                   chunks=self.chunks, sequence_parallel=self.sequence_parallel,
+                                   seq_dim=self.seq_dim, device=w.device, dtype=w.dtype)  # fmt: skip
         load_full_(new.weight, w, state.tp)
         if b is not None:
             load_full_(new.bias, b, state.tp)
@@ -62,9 +65,13 @@ class Colwise:
 
 @dataclass(frozen=True)
 class Rowwise:
+    sequence_parallel: bool = False  # reduce-scatter the output along seq_dim instead of all-reducing it
+    seq_dim: int = 1
+
     def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
         w, b, fin, fout = _linear_params(m)
-        new = RowParallelLinear(fin, fout, b is not None, group=state.tp, device=w.device, dtype=w.dtype)
+        new = RowParallelLinear(fin, fout, b is not None, group=state.tp, sequence_parallel=self.sequence_parallel,
+                                seq_dim=self.seq_dim, device=w.device, dtype=w.dtype)  # fmt: skip
         load_full_(new.weight, w, state.tp)
         if b is not None:
             with torch.no_grad():
@@ -104,24 +111,85 @@ class Heads:
         return m
 
 
+@dataclass(frozen=True)
+class SequenceParallelEnter:
+    """Enter the sequence-parallel region at this module's input: keep this rank's ``1/tp`` of the
+    sequence (dimension ``dim``); the gradient is all-gathered on the way back."""
+
+    dim: int = 1
+
+    def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
+        from gptpar.parallel import comm
+
+        def pre(module, args, kwargs):
+            if args:
+                return (comm.scatter_to_region(args[0], state.tp, self.dim), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: comm.scatter_to_region(kwargs[key], state.tp, self.dim)}
+
+        m.register_forward_pre_hook(pre, with_kwargs=True)
+        return m
+
+
+@dataclass(frozen=True)
+class SequenceParallelExit:
+    """Leave the sequence-parallel region at this module's output (all-gather along ``dim``); the module
+    itself (a norm) runs on the sequence shard, so its parameters' gradients are all-reduced over tp."""
+
+    dim: int = 1
+
+    def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
+        from gptpar.parallel import comm
+
+        SequenceParallelNorm()(m, name, state)
+        m.register_forward_hook(lambda module, args, out: comm.gather_from_region(out, state.tp, self.dim))
+        return m
+
+
+@dataclass(frozen=True)
+class SequenceParallelNorm:
+    """A norm (or any replicated module) inside the sequence-parallel region: it sees only this rank's
+    tokens, so its parameters' gradients are all-reduced over tp."""
+
+    def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
+        from gptpar.parallel.tensor import mark_sequence_parallel
+
+        for p in m.parameters():
+            mark_sequence_parallel(p, state.tp)
+        return m
+
+
 class ParallelNanoGPTAttention(nn.Module):
     """nanoGPT's ``CausalSelfAttention`` over this rank's heads: same forward signature ``x [B, T, C]``."""
 
-    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float, state: ParallelState) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        bias: bool,
+        dropout: float,
+        state: ParallelState,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         tp = state.tp.size
         if n_head % tp:
             raise GptparConfigError(f"n_head={n_head} is not divisible by tp={tp} (attention is split by heads)")
         self.n_head, self.n_embd, self.local_heads, self.dropout = n_head, n_embd, n_head // tp, dropout
-        self.c_attn = ColumnParallelLinear(n_embd, 3 * n_embd, bias, group=state.tp, chunks=3)
-        self.c_proj = RowParallelLinear(n_embd, n_embd, bias, group=state.tp)
+        sp = dict(sequence_parallel=sequence_parallel, seq_dim=1)
+        self.c_attn = ColumnParallelLinear(n_embd, 3 * n_embd, bias, group=state.tp, chunks=3, **sp)
+        self.c_proj = RowParallelLinear(n_embd, n_embd, bias, group=state.tp, **sp)
         self.resid_dropout = nn.Dropout(dropout)
 
     @classmethod
-    def from_module(cls, m: nn.Module, name: str, state: ParallelState) -> ParallelNanoGPTAttention:
+    def from_module(
+        cls, m: nn.Module, name: str, state: ParallelState, sequence_parallel: bool = False
+    ) -> ParallelNanoGPTAttention:
         bias = m.c_attn.bias is not None
         dropout = getattr(m, "dropout", 0.0)
-        new = cls(m.n_embd, m.n_head, bias, float(dropout if isinstance(dropout, float) else 0.0), state)
+        new = cls(
+            m.n_embd, m.n_head, bias, float(dropout if isinstance(dropout, float) else 0.0), state, sequence_parallel
+        )
         new.to(device=m.c_attn.weight.device, dtype=m.c_attn.weight.dtype)
         load_full_(new.c_attn.weight, m.c_attn.weight.detach(), state.tp)
         load_full_(new.c_proj.weight, m.c_proj.weight.detach(), state.tp)
@@ -132,48 +200,65 @@ class ParallelNanoGPTAttention(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
+        qkv = self.c_attn(x)  # [B, T, 3C/tp]: the whole sequence, even when x holds a shard of it
+        B, T, _ = qkv.shape
         hd = self.n_embd // self.n_head
-        q, k, v = (t.view(B, T, self.local_heads, hd).transpose(1, 2) for t in self.c_attn(x).chunk(3, dim=-1))
+        q, k, v = (t.view(B, T, self.local_heads, hd).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, self.local_heads * hd)))
 
 
-def gpt2_plan() -> dict:
+def _sp_region(sequence_parallel: bool) -> dict:
+    """Batch-first sequence parallelism over the block stack: enter at block 0, norms on shards, leave at
+    ``ln_f`` (its output is gathered for the LM head)."""
+    if not sequence_parallel:
+        return {}
+    return {
+        "transformer.h.0": SequenceParallelEnter(dim=1),
+        "transformer.h.*.ln_*": SequenceParallelNorm(),
+        "transformer.ln_f": SequenceParallelExit(dim=1),
+    }
+
+
+def gpt2_plan(sequence_parallel: bool = False) -> dict:
     """Hugging Face ``GPT2LMHeadModel``: vocab-parallel embedding, q|k|v split per head, column/row MLP,
-    LM head gathered (the stock loss then sees full logits)."""
+    LM head gathered (the stock loss then sees full logits); optionally Megatron sequence parallelism."""
+    sp = sequence_parallel
     return {
         "transformer.wte": VocabEmbedding(),
         "transformer.wpe": Replicate(),
+        **_sp_region(sp),
         "transformer.h.*.attn": Heads(("num_heads", "split_size")),
-        "transformer.h.*.attn.c_attn": Colwise(chunks=3),
-        "transformer.h.*.attn.c_proj": Rowwise(),
-        "transformer.h.*.mlp.c_fc": Colwise(),
-        "transformer.h.*.mlp.c_proj": Rowwise(),
+        "transformer.h.*.attn.c_attn": Colwise(chunks=3, sequence_parallel=sp),
+        "transformer.h.*.attn.c_proj": Rowwise(sequence_parallel=sp),
+        "transformer.h.*.mlp.c_fc": Colwise(sequence_parallel=sp),
+        "transformer.h.*.mlp.c_proj": Rowwise(sequence_parallel=sp),
         "lm_head": Colwise(gather_output=True),
     }
 
 
-def nanogpt_plan() -> dict:
+def nanogpt_plan(sequence_parallel: bool = False) -> dict:
     """karpathy/nanoGPT's layout: ``transformer.{wte,wpe,h[i].{attn,mlp}}``, ``lm_head``."""
+    sp = sequence_parallel
     return {
         "transformer.wte": VocabEmbedding(),
         "transformer.wpe": Replicate(),
-        "transformer.h.*.attn": ParallelNanoGPTAttention.from_module,
-        "transformer.h.*.mlp.c_fc": Colwise(),
-        "transformer.h.*.mlp.c_proj": Rowwise(),
+        **_sp_region(sp),
+        "transformer.h.*.attn": lambda m, n, st: ParallelNanoGPTAttention.from_module(m, n, st, sp),
+        "transformer.h.*.mlp.c_fc": Colwise(sequence_parallel=sp),
+        "transformer.h.*.mlp.c_proj": Rowwise(sequence_parallel=sp),
         "lm_head": Colwise(gather_output=True),
     }
 
 
-def builtin_plan(model: nn.Module) -> dict:
+def builtin_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
     name = type(model).__name__
     if name == "GPT2LMHeadModel":
-        return gpt2_plan()
+        return gpt2_plan(sequence_parallel)
     try:
         attn = model.transformer.h[0].attn
         if isinstance(attn.c_attn, nn.Linear) and hasattr(attn, "n_head"):
-            return nanogpt_plan()
+            return nanogpt_plan(sequence_parallel)
     except (AttributeError, IndexError, TypeError):
         pass
     raise GptparConfigError(
@@ -186,15 +271,19 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def parallelize(model: nn.Module, layout: ParallelLayout | ParallelState, plan: dict | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module, layout: ParallelLayout | ParallelState, plan: dict | None = None, sequence_parallel: bool = False
+) -> nn.Module:
     """Tensor-parallelise ``model`` in place over ``layout``'s tp group; returns the model.
+    ``sequence_parallel`` (built-in plans): norms, dropout and residuals of the block stack hold
+    ``1/tp`` of the sequence; all-reduces become all-gather + reduce-scatter.
 
     Tied weights (e.g. an LM head tied to the embedding) stay tied when both sides are split the same
     way (``VocabEmbedding`` + ``Colwise``). Raises :class:`GptparConfigError` for a module the plan does not
     cover, a plan entry that matches nothing, or a size tp does not divide.
     """
     state = layout if isinstance(layout, ParallelState) else init_parallel(layout)
-    plan = builtin_plan(model) if plan is None else plan
+    plan = builtin_plan(model, sequence_parallel) if plan is None else plan
     tied = {}
     for name, m in model.named_modules():
         for pname, p in m.named_parameters(recurse=False):

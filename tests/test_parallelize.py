@@ -108,13 +108,13 @@ def _as_linear_layout(name, t, conv1d_names):
     return t.t() if name in conv1d_names and t.dim() == 2 else t
 
 
-def _train(kind, tp, steps=3):
+def _train(kind, tp, steps=3, sequence_parallel=False):
     state = init_parallel(ParallelLayout(tp=tp)) if tp else None
     model = make_hf_gpt2() if kind == "hf" else make_nanogpt()
     conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     conv1d_w = {f"{n}.weight" for n in conv1d}
     if tp:
-        parallelize(model, state)
+        parallelize(model, state, sequence_parallel=sequence_parallel)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     history = []
@@ -139,10 +139,11 @@ def _close(got, want, where):
     torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{where}: {m}")
 
 
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
 @pytest.mark.parametrize("kind", ["hf", "nanogpt"])
-def test_parallelized_model_matches_original_logits_grads_and_training(kind):
+def test_parallelized_model_matches_original_logits_grads_and_training(kind, sp):
     ref_hist, ref_w = _train(kind, 0)
-    for hist, weights in run_distributed(_train, 2, kind, 2):
+    for hist, weights in run_distributed(_train, 2, kind, 2, 3, sp):
         for s, ((loss, logits, grads), (r_loss, r_logits, r_grads)) in enumerate(zip(hist, ref_hist, strict=True)):
             _close(loss, r_loss, f"{kind} step {s} loss")
             _close(logits, r_logits, f"{kind} step {s} logits")
@@ -254,3 +255,20 @@ def test_readme_example_runs_under_torchrun(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"step \d loss ([\d.]+)", res.stdout)]
     assert len(losses) == 5 and losses[-1] < losses[0]
+
+
+def _sp_shapes(kind):
+    state = init_parallel(ParallelLayout(tp=2))
+    model = parallelize(make_hf_gpt2() if kind == "hf" else make_nanogpt(), state, sequence_parallel=True)
+    seen = []
+    model.transformer.h[1].ln_2.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    idx = torch.randint(0, 64, (3, 16))
+    logits, _ = run_model(model, idx, kind)
+    return seen[0], tuple(logits.shape), getattr(model.transformer.h[0].ln_1.weight, "sequence_parallel", False)
+
+
+@pytest.mark.parametrize("kind", ["hf", "nanogpt"])
+def test_sequence_parallel_drop_in_really_shards_the_sequence(kind):
+    for resid, logits, marked in run_distributed(_sp_shapes, 2, kind):
+        assert resid == (3, 8, 32)  # [batch, seq/tp, hidden] inside the blocks
+        assert logits == (3, 16, 64) and marked is True

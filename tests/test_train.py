@@ -195,7 +195,17 @@ def test_pretokenised_nanogpt_bin_and_a_text_folder(tmp_path, cache):
 
     pattern = np.tile(np.arange(50, dtype=np.uint16), 400)  # a learnable stream of 20,000 tokens
     pattern.tofile(tmp_path / "train.bin")
-    train(tmp_path / "a", "--nproc", "1", "--data", str(tmp_path / "train.bin"), "--vocab-size", "64", cache=cache, steps=15)
+    train(
+        tmp_path / "a",
+        "--nproc",
+        "1",
+        "--data",
+        str(tmp_path / "train.bin"),
+        "--vocab-size",
+        "64",
+        cache=cache,
+        steps=15,
+    )
     log = losses(tmp_path / "a")
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     docs = tmp_path / "docs"

@@ -307,24 +307,24 @@ class _ScatterToRegion(torch.autograd.Function):
 
 class _GatherAlongSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, group, 0)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter(grad, ctx.group, 0), None
+        return reduce_scatter(grad, ctx.group, ctx.dim), None, None
 
 
 class _ReduceScatterAlongSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter(x, group, 0)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return all_gather(grad, ctx.group, 0), None
+        return all_gather(grad, ctx.group, ctx.dim), None, None
 
 
 def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -347,11 +347,13 @@ def scatter_to_region(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Ten
     return x if group.size == 1 else _ScatterToRegion.apply(x, group, dim)
 
 
-def gather_along_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Sequence parallelism: ``[s/t, b, h] -> [s, b, h]`` forward; reduce-scatter of the gradient backward."""
-    return x if group.size == 1 else _GatherAlongSeq.apply(x, group)
+def gather_along_seq(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """Sequence parallelism: ``[s/t, b, h] -> [s, b, h]`` forward (``dim``: the sequence dimension);
+    reduce-scatter of the gradient backward."""
+    return x if group.size == 1 else _GatherAlongSeq.apply(x, group, dim)
 
 
-def reduce_scatter_along_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Sequence parallelism: ``[s, b, h]`` partial sums -> ``[s/t, b, h]`` reduced; all-gather backward."""
-    return x if group.size == 1 else _ReduceScatterAlongSeq.apply(x, group)
+def reduce_scatter_along_seq(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """Sequence parallelism: ``[s, b, h]`` partial sums -> ``[s/t, b, h]`` reduced (``dim``: the sequence
+    dimension); all-gather backward."""
+    return x if group.size == 1 else _ReduceScatterAlongSeq.apply(x, group, dim)

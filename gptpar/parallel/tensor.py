@@ -69,7 +69,8 @@ class ColumnParallelLinear(nn.Module):
     In ``[..., in]`` (replicated), out ``[..., out/tp]`` or, with ``gather_output``, ``[..., out]``.
     Collectives: backward all-reduce of the input gradient (``copy_to_region``); all-gather if ``gather_output``.
     With ``sequence_parallel`` the input is ``[s/tp, b, in]`` and is all-gathered along the sequence first
-    (backward: reduce-scatter), replacing the all-reduce.
+    (backward: reduce-scatter), replacing the all-reduce; ``seq_dim`` names the sequence dimension (0 for
+    Megatron's ``[s, b, h]``, 1 for batch-first models).
     ``chunks``: the output holds that many logical blocks (fused q/k/v = 3, fused gate/up = 2), each split
     separately across tp.
     """
@@ -84,6 +85,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         chunks: int = 1,
         sequence_parallel: bool = False,
+        seq_dim: int = 0,
         device=None,
         dtype=None,
     ) -> None:
@@ -99,7 +101,7 @@ class ColumnParallelLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.group, self.gather_output, self.chunks = group, gather_output, chunks
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features // group.size, in_features, **factory))
         set_tp_spec(self.weight, 0, chunks)
@@ -118,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:  # [s/tp, b, in] -> [s, b, in]; backward reduce-scatters
-            x = comm.gather_along_seq(x, self.group)
+            x = comm.gather_along_seq(x, self.group, self.seq_dim)
         else:
             x = comm.copy_to_region(x, self.group)
         y = linear(x, self.weight, self.bias)
@@ -155,6 +157,7 @@ class RowParallelLinear(nn.Module):
         group: Group,
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
+        seq_dim: int = 0,
         device=None,
         dtype=None,
     ) -> None:
@@ -164,7 +167,7 @@ class RowParallelLinear(nn.Module):
         local_in = _check_divisible("in_features", in_features, group)
         self.in_features, self.out_features = in_features, out_features
         self.group, self.input_is_parallel = group, input_is_parallel
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, local_in, **factory))
         set_tp_spec(self.weight, 1)
@@ -188,7 +191,7 @@ class RowParallelLinear(nn.Module):
             x = comm.scatter_to_region(x, self.group, dim=-1)
         y = linear(x, self.weight)
         if self.sequence_parallel:  # [s, b, out] partial sums -> [s/tp, b, out]
-            y = comm.reduce_scatter_along_seq(y, self.group)
+            y = comm.reduce_scatter_along_seq(y, self.group, self.seq_dim)
         else:
             y = comm.reduce_from_region(y, self.group)
         return y if self.bias is None else y + self.bias
