@@ -164,11 +164,12 @@ def _saved_bytes(layout, options, where):
         inside[0] -= 1
 
     for m in model.modules():
-        hit = (
-            isinstance(m, (torch.nn.LayerNorm, torch.nn.Dropout))
-            if where == "norm"
-            else type(m).__name__ == "ParallelSelfAttention"
-        )
+        if where == "norm":
+            hit = isinstance(m, (torch.nn.LayerNorm, torch.nn.Dropout))
+        elif where == "column":
+            hit = type(m).__name__ == "ColumnParallelLinear"
+        else:
+            hit = type(m).__name__ == "ParallelSelfAttention"
         if hit:
             m.register_forward_pre_hook(enter)
             m.register_forward_hook(leave)
@@ -190,9 +191,11 @@ def _saved_bytes(layout, options, where):
     return total[0]
 
 
-def test_sequence_parallel_divides_norm_and_dropout_activations_by_tp():
-    base = run_distributed(_saved_bytes, 2, ParallelLayout(tp=2), {}, "norm")[0]
-    sp = run_distributed(_saved_bytes, 2, ParallelLayout(tp=2), {"sequence_parallel": True}, "norm")[0]
+@pytest.mark.parametrize("where", ["norm", "column"], ids=["norms-and-dropout", "column-linear-inputs"])
+def test_sequence_parallel_divides_activations_by_tp(where):
+    # Column-parallel linears keep only their sequence shard and all-gather it again in backward.
+    base = run_distributed(_saved_bytes, 2, ParallelLayout(tp=2), {}, where)[0]
+    sp = run_distributed(_saved_bytes, 2, ParallelLayout(tp=2), {"sequence_parallel": True}, where)[0]
     assert base > 0
     assert abs(sp / base - 1 / 2) <= 0.1 * (1 / 2), (sp, base)
 

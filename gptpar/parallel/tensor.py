@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gptpar.errors import GptparConfigError
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import Group
-from gptpar.parallel.wgrad import linear
+from gptpar.parallel.wgrad import accumulate_grad, deferred_queue, linear
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -119,11 +119,13 @@ class ColumnParallelLinear(nn.Module):
             load_full_(self.bias, full.bias, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:  # [s/tp, b, in] -> [s, b, in]; backward reduce-scatters
-            x = comm.gather_along_seq(x, self.group, self.seq_dim)
+        if self.sequence_parallel and self.group.size > 1:
+            # [s/tp, b, in] all-gathered to [s, b, in] inside the linear, which keeps only the shard for
+            # backward (re-gathered there, overlapped with the input-gradient GEMM), as Megatron does.
+            y = _SequenceParallelColumnLinear.apply(x, self.weight, self.bias, self.group, self.seq_dim)
         else:
             x = comm.copy_to_region(x, self.group)
-        y = linear(x, self.weight, self.bias)
+            y = linear(x, self.weight, self.bias)
         if self.gather_output:
             if self.chunks != 1:
                 raise GptparConfigError(
@@ -246,6 +248,57 @@ class VocabParallelEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end})"
+
+
+def _gather_seq_async(x: torch.Tensor, group: Group, dim: int):
+    """Start an all-gather of ``x`` along ``dim``; returns a function that waits and returns the result."""
+    moved = x.movedim(dim, 0).contiguous()
+    pending = comm.all_gather_async(moved.reshape(-1), group)
+
+    def wait() -> torch.Tensor:
+        full = pending.wait().view((group.size * moved.shape[0],) + tuple(moved.shape[1:]))
+        return full.movedim(0, dim)
+
+    return wait
+
+
+class _SequenceParallelColumnLinear(torch.autograd.Function):
+    """``linear(all_gather_seq(x), W, b)`` saving only the sequence shard ``x`` (1/tp of the input)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, dim):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.dim, ctx.params = group, dim, (weight, bias)
+        return F.linear(comm.all_gather(x, group, dim), weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        group, dim = ctx.group, ctx.dim
+        gather = _gather_seq_async(x, group, dim)  # the weight gradient needs the full input again
+        grad_x = comm.reduce_scatter(g.matmul(weight), group, dim)  # overlaps the re-gather
+        params = ctx.params
+
+        def weight_grads(x_full):
+            g2 = g.reshape(-1, g.shape[-1])
+            gw = g2.t().matmul(x_full.reshape(-1, x_full.shape[-1]))
+            return gw, (g2.sum(0) if params[1] is not None else None)
+
+        queue = deferred_queue()
+        if queue is not None:  # zero-bubble W: re-gather then (same order on every tp rank)
+            gather()  # complete this one; W gathers again when it runs
+
+            @torch.no_grad()
+            def run():
+                gw, gb = weight_grads(_gather_seq_async(x, group, dim)())
+                accumulate_grad(params[0], gw)
+                if gb is not None:
+                    accumulate_grad(params[1], gb)
+
+            queue.append(run)
+            return grad_x, None, None, None, None
+        gw, gb = weight_grads(gather())
+        return grad_x, gw, gb, None, None
 
 
 def mark_sequence_parallel(param: torch.Tensor, group: Group) -> torch.Tensor:

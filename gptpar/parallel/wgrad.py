@@ -29,6 +29,11 @@ def defer_weight_grads(queue: list[Callable[[], None]]):
         _queue = outer
 
 
+def deferred_queue() -> list[Callable[[], None]] | None:
+    """The queue weight-gradient work goes to right now (None: compute it immediately)."""
+    return _queue
+
+
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     reduce = getattr(param, "grad_reduce", None)
     if reduce is not None:
@@ -61,6 +66,7 @@ class _Linear(torch.autograd.Function):
         if _queue is not None:
             params = ctx.params
 
+            @torch.no_grad()
             def run():
                 gw, gb = weight_grads()
                 accumulate_grad(params[0], gw)
