@@ -8,6 +8,7 @@ COMMANDS = {
     "train": "train a GPT across processes (gptpar train --help)",
     "generate": "sample text from a checkpoint on one process",
     "convert": "export a checkpoint (any layout) as one safetensors file",
+    "plan": "rank the parallel layouts that fit a model on a cluster (memory and time estimates)",
     "demo": "what `make demo` runs: a small GPT, tp=2 x pp=2 on 4 CPU processes",
 }
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         from gptpar.train import main as train_main
 
         train_main(rest)
+    elif cmd == "plan":
+        from gptpar.planner import main as plan_main
+
+        plan_main(rest)
     elif cmd == "demo":
         from gptpar.demo import main as demo_main
 
