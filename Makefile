@@ -28,9 +28,15 @@ test: install
 demo: install
 	$(PY) -m gptpar.demo
 
+# Every side-by-side comparison (gptpar vs PyTorch's own, same run) and the op micro-benchmarks; each
+# script writes bench/results/*.json. About 4 minutes on 2 cores.
 bench: install
 	$(PY) -m pytest -q bench/bench_*.py --benchmark-only -p no:cacheprovider
 	$(PY) bench/ops_bandwidth.py
+	$(PY) bench/side_by_side.py
+	$(PY) bench/data_parallel.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/context_parallel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info gptpar/_C*.so

@@ -1,0 +1,197 @@
+"""gptpar next to PyTorch's own parallelism on the same model, in the same run (alternating):
+
+* tensor parallel, tp=2: ``gptpar.parallelize`` vs ``torch.distributed.tensor.parallel.parallelize_module``
+  (ColwiseParallel / RowwiseParallel) on one nanoGPT-style model written for neither;
+* sharded optimizer, dp=2: gptpar ZeRO-1 (``DataParallel(shard_grads=True)`` + ``ZeroAdamW``) vs FSDP2
+  ``fully_shard`` (ZeRO-3) with AdamW: step time and the bytes of weights, gradients and optimizer state
+  each rank keeps between steps.
+
+    python bench/side_by_side.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptpar import ParallelLayout, init_parallel, parallelize
+from gptpar.parallel import comm
+from gptpar.parallel.data import DataParallel
+from gptpar.parallel.zero import ZeroAdamW
+from gptpar.parallelize import Colwise, Replicate, Rowwise
+from gptpar.testing import run_distributed
+
+
+class Attention(nn.Module):
+    def __init__(self, h, heads):
+        super().__init__()
+        self.qkv, self.proj, self.hd = nn.Linear(h, 3 * h), nn.Linear(h, h), h // heads
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, -1, self.hd).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))  # local heads
+        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, h, heads):
+        super().__init__()
+        self.ln1, self.ln2, self.attn = nn.LayerNorm(h), nn.LayerNorm(h), Attention(h, heads)
+        self.fc, self.out = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class Model(nn.Module):
+    def __init__(self, vocab=2048, h=256, heads=8, layers=4, seq=128):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, h), nn.Embedding(seq, h)
+        self.blocks = nn.ModuleList(Block(h, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(h), nn.Linear(h, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos(torch.arange(idx.shape[1]))
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+
+
+def _timed(fn, reps):
+    ts = []
+    for rep in range(reps + 1):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        fn()
+        if rep:
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _tp(reps):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    st = init_parallel(ParallelLayout(tp=2))
+    idx = torch.randint(0, 2048, (8, 128), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ours = parallelize(Model(), st, {
+        "emb": Replicate(), "pos": Replicate(), "head": Replicate(),
+        "blocks.*.attn.qkv": Colwise(chunks=3), "blocks.*.attn.proj": Rowwise(),
+        "blocks.*.fc": Colwise(), "blocks.*.out": Rowwise(),
+    })  # fmt: skip
+    torch.manual_seed(0)
+    theirs = Model()
+    for b in theirs.blocks:
+        # torch's ColwiseParallel splits the fused qkv rows contiguously, which would hand rank 0 all of q
+        # and half of k; permute the rows to [q_0 k_0 v_0 | q_1 k_1 v_1] first so each rank gets its heads.
+        with torch.no_grad():
+            for t in (b.attn.qkv.weight, b.attn.qkv.bias):
+                parts = [x.chunk(2) for x in t.chunk(3)]
+                t.copy_(torch.cat([torch.cat([parts[j][i] for j in range(3)]) for i in range(2)]))
+        parallelize_module(b, st.mesh["tp"], {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
+                                              "fc": ColwiseParallel(), "out": RowwiseParallel()})  # fmt: skip
+    la, lb = ours(idx).item(), theirs(idx).item()
+    assert abs(la - lb) < 1e-4, f"the two tensor-parallel models disagree: {la} vs {lb}"  # same model, same math
+    out = {}
+    for name, model in (("gptpar parallelize", ours), ("torch parallelize_module", theirs)):
+
+        def step(model=model):
+            model(idx).backward()
+            model.zero_grad(set_to_none=True)
+
+        with comm.count_traffic() as t:
+            step()
+        out[name] = {"time_s": _timed(step, reps), "bytes": sum(t.values())}
+    return out
+
+
+def _state_bytes(tensors):
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _zero(reps):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    st = init_parallel(ParallelLayout(dp=2))
+    idx = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(st.rank))
+    torch.manual_seed(0)
+    ours = Model()
+    ddp = DataParallel(ours, st, shard_grads=True)
+    zopt = ZeroAdamW(ddp, lr=1e-4)
+
+    def ours_step():
+        ours(idx).backward()
+        ddp.finish()
+        zopt.step()
+        ddp.zero_grad()
+
+    torch.manual_seed(0)
+    theirs = Model()
+    for b in theirs.blocks:
+        fully_shard(b, mesh=st.mesh["dp"])
+    fully_shard(theirs, mesh=st.mesh["dp"])
+    fopt = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+
+    def theirs_step():
+        theirs(idx).backward()
+        fopt.step()
+        fopt.zero_grad(set_to_none=False)
+
+    t_ours, t_theirs = _timed(ours_step, reps), _timed(theirs_step, reps)
+    ours_bytes = {
+        "weights": sum(b.param.numel() * b.param.element_size() for b in ddp.buckets),
+        "gradients": sum(b.grad.numel() * b.grad.element_size() for b in ddp.buckets),
+        "optimizer": zopt.state_bytes(),
+    }
+    theirs_bytes = {
+        "weights": _state_bytes(theirs.parameters()),
+        "gradients": _state_bytes(p.grad for p in theirs.parameters() if p.grad is not None),
+        "optimizer": _state_bytes(v for s in fopt.state.values() for k, v in s.items() if k != "step"),
+    }
+    return {"gptpar ZeRO-1": {"time_s": t_ours, **ours_bytes}, "torch FSDP2 (ZeRO-3)": {"time_s": t_theirs, **theirs_bytes}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "side_by_side_cpu.json"))
+    a = ap.parse_args()
+    tp = run_distributed(_tp, 2, a.reps, timeout=1200)
+    zero = run_distributed(_zero, 2, a.reps, timeout=1200)
+    date = time.strftime("%Y-%m-%d")
+    print(f"side by side, CPU gloo, {os.cpu_count()} cores, {date}, torch {torch.__version__}")
+    print("tensor parallel tp=2 (4-layer GPT, h=256, batch 8 x 128), forward + backward:")
+    base = max(r["torch parallelize_module"]["time_s"] for r in tp)
+    for name in tp[0]:
+        t = max(r[name]["time_s"] for r in tp)
+        sent = f"{tp[0][name]['bytes'] / 1e6:8.2f} MB sent/rank" if tp[0][name]["bytes"] else "(bytes not counted: DTensor)"
+        print(f"  {name:26s} {t:7.3f} s  {base / t:5.2f}x torch  {sent}")
+    print("sharded optimizer dp=2, step with AdamW, bytes each rank keeps between steps:")
+    base = max(r["torch FSDP2 (ZeRO-3)"]["time_s"] for r in zero)
+    for name in zero[0]:
+        r0 = zero[0][name]
+        t = max(r[name]["time_s"] for r in zero)
+        print(f"  {name:26s} {t:7.3f} s  {base / t:5.2f}x torch  weights {r0['weights'] / 1e6:6.2f} MB  "
+              f"grads {r0['gradients'] / 1e6:6.2f} MB  optimizer {r0['optimizer'] / 1e6:6.2f} MB")  # fmt: skip
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"date": date, "tensor_parallel": tp, "sharded_optimizer": zero}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
