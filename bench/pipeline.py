@@ -1,10 +1,12 @@
-"""Pipeline schedules on CPU processes: measured bubble and hidden-communication fractions per schedule
-at p=4, m=8, and wall time side by side with torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B)
-on the same model, split at the same layers, in the same run (alternating).
+"""Pipeline schedules on CPU processes at p=2 and p=4, m=8: measured bubble and hidden-communication
+fractions per schedule, and step time, tokens/s and peak memory per rank side by side with
+torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) on the same model,
+split at the same layers, in the same run (timings alternate; memory is measured in a fresh process per
+implementation: peak resident bytes above the process's baseline).
 
     python bench/pipeline.py [--layers 8] [--d-model 256] [--seq 128] [--batch 16] [--reps 3]
 
-"measured bubble": 1 - (time in F/B/I/W) / (step time), averaged over ranks. On a 2-core machine the 4
+"measured bubble": 1 - (time in F/B/I/W) / (step time), averaged over ranks. On a 2-core machine the
 stage processes share 2 cores, so measured bubbles include time a rank was runnable but descheduled;
 compare schedules with each other and with the simulated value, not with a GPU cluster.
 """
@@ -18,13 +20,15 @@ import statistics
 import time
 
 import torch
+from common import peak_memory_of
 from torch import nn
 
 from gptpar import GPT, GPTConfig, ParallelLayout, init_parallel
-from gptpar.pipeline import build, make_pipeline, simulate
+from gptpar.pipeline import build, make_pipeline, partition, simulate
 from gptpar.testing import run_distributed
 
-P, M = 4, 8
+M = 8
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1))
 
 
 class _TorchStage(nn.Module):
@@ -48,55 +52,66 @@ class _TorchStage(nn.Module):
         return x
 
 
-def _rank(config, batch, reps):
-    torch.set_num_threads(1)
-    st = init_parallel(ParallelLayout(pp=P))
+def _batch(config, batch):
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), generator=g)
-    tgt = torch.randint(0, config.vocab_size, (batch, config.seq_len), generator=g)
-    out = {}
-    engines = {}
-    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
-        engines[name] = make_pipeline(config, st, name, M, v, record=True)
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    return idx, torch.randint(0, config.vocab_size, (batch, config.seq_len), generator=g)
 
-    part = engines["1f1b"][1]
+
+def _build(impl, name, v, config, batch, p, record=False):
+    """A step function for one implementation and schedule on this rank."""
+    st = init_parallel(ParallelLayout(pp=p))
+    idx, tgt = _batch(config, batch)
+    if impl == "gptpar":
+        eng = make_pipeline(config, st, name, M, v, record=record)[0]
+
+        def step():
+            eng.step(idx, tgt)
+            for c in eng.chunks:
+                c.zero_grad(set_to_none=True)
+
+        step.engine = eng
+        return step
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    part = partition(config, p, v)
     ref = GPT(config)
-    a, b = part.units(st.pp.rank)
-    stage = PipelineStage(_TorchStage(ref, a, b), st.pp.rank, P, torch.device("cpu"), group=st.pp.pg)
+    stages = [PipelineStage(_TorchStage(ref, *part.units(st.pp.rank, c)), c * p + st.pp.rank, p * v,
+                            torch.device("cpu"), group=st.pp.pg) for c in range(v)]  # fmt: skip
 
     def loss_fn(logits, target):
         return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
 
-    torch_sched = {"gpipe": ScheduleGPipe(stage, M, loss_fn=loss_fn), "1f1b": Schedule1F1B(stage, M, loss_fn=loss_fn)}
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[name]
+    sched = cls(stages if v > 1 else stages[0], M, loss_fn=loss_fn)
+    first, last = st.pp.rank == 0, st.pp.rank == (p * v - 1) % p
 
-    def run_torch(name):
-        s = torch_sched[name]
-        if st.pp.rank == 0:
-            s.step(idx)
-        elif st.pp.rank == P - 1:
-            s.step(target=tgt)
-        else:
-            s.step()
+    def step():
+        kw = {"target": tgt} if last else {}
+        sched.step(idx, **kw) if first else sched.step(**kw)
         ref.zero_grad(set_to_none=True)
 
-    def run_ours(name):
-        eng = engines[name][0]
-        eng.step(idx, tgt)
-        for c in eng.chunks:
-            c.zero_grad(set_to_none=True)
+    return step
 
-    for name in engines:
+
+def _rank(config, batch, reps, p):
+    torch.set_num_threads(1)
+    st = init_parallel(ParallelLayout(pp=p))
+    out = {}
+    for name, v in SCHEDULES:
+        ours = _build("gptpar", name, v, config, batch, p, record=True)
+        theirs = _build("torch", name, v, config, batch, p) if name != "zb-h1" else None
         times, torch_times = [], []
         for rep in range(reps + 1):  # alternate gptpar and torch; the first round is warm-up
-            for impl in ("ours", "torch") if name in torch_sched else ("ours",):
+            for impl, fn in (("ours", ours), ("torch", theirs)):
+                if fn is None:
+                    continue
                 torch.distributed.barrier(st.pp.pg)
                 t0 = time.perf_counter()
-                run_ours(name) if impl == "ours" else run_torch(name)
-                dt = time.perf_counter() - t0
+                fn()
                 if rep:
-                    (times if impl == "ours" else torch_times).append(dt)
-        stats = engines[name][0].last_stats
+                    (times if impl == "ours" else torch_times).append(time.perf_counter() - t0)
+        stats = ours.engine.last_stats
         busy = sum(t1 - t0 for kind, _, _, t0, t1 in stats.events if kind != "wait")
         out[name] = {
             "time_s": statistics.median(times),
@@ -105,6 +120,12 @@ def _rank(config, batch, reps):
             "hidden_comm_fraction": stats.hidden_comm_fraction,
         }
     return out
+
+
+def _peak(impl, name, v, config, batch, p):
+    torch.set_num_threads(1)
+    init_parallel(ParallelLayout(pp=p))
+    return peak_memory_of(lambda: _build(impl, name, v, config, batch, p))
 
 
 def main() -> None:
@@ -117,26 +138,37 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pipeline_cpu.json"))
     a = ap.parse_args()
     config = GPTConfig(vocab_size=1024, seq_len=a.seq, n_layer=a.layers, n_head=8, d_model=a.d_model)
-    res = run_distributed(_rank, P, config, a.batch, a.reps, timeout=1800)
+    tokens = a.batch * a.seq
     rows = []
-    print(f"pipeline p={P} m={M}, GPT {config.num_params() / 1e6:.1f}M params ({a.layers} layers, d={a.d_model}, "
+    print(f"pipeline m={M}, GPT {config.num_params() / 1e6:.1f}M params ({a.layers} layers, d={a.d_model}, "
           f"seq={a.seq}, batch={a.batch}), fp32, CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print(f"{'schedule':12s} {'gptpar s':>9s} {'torch s':>8s} {'torch/gptpar':>12s} {'bubble sim':>10s} "
-          f"{'bubble meas':>11s} {'comm hidden':>11s}")  # fmt: skip
-    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
-        t = max(r[name]["time_s"] for r in res)
-        tt = [r[name]["torch_time_s"] for r in res]
-        tt = max(tt) if tt[0] is not None else None
-        sim = simulate(build(name, P, M, v), v).bubble_fraction
-        meas = 1 - statistics.mean(r[name]["busy_fraction"] for r in res)
-        hidden = statistics.mean(r[name]["hidden_comm_fraction"] for r in res)
-        rows.append({"schedule": name, "v": v, "time_s": t, "torch_time_s": tt, "bubble_simulated": sim,
-                     "bubble_measured": meas, "hidden_comm_fraction": hidden})  # fmt: skip
-        ratio = f"{tt / t:12.2f}" if tt else f"{'-':>12s}"
-        ttxt = f"{tt:8.3f}" if tt else f"{'-':>8s}"
-        print(
-            f"{name + (f' v={v}' if v > 1 else ''):12s} {t:9.3f} {ttxt} {ratio} {sim:10.3f} {meas:11.3f} {hidden:11.3f}"
-        )
+    print(f"{'p':>2} {'schedule':15s} {'gptpar s':>9s} {'tok/s':>7s} {'MB/rank':>8s} {'torch s':>8s} {'tok/s':>7s} "
+          f"{'MB/rank':>8s} {'torch/gptpar':>12s} {'bubble sim':>10s} {'meas':>6s} {'comm hidden':>11s}")  # fmt: skip
+    for p in (2, 4):
+        res = run_distributed(_rank, p, config, a.batch, a.reps, p, timeout=1800)
+        for name, v in SCHEDULES:
+            t = max(r[name]["time_s"] for r in res)
+            tt = res[0][name]["torch_time_s"]
+            tt = max(r[name]["torch_time_s"] for r in res) if tt is not None else None
+            mem = max(run_distributed(_peak, p, "gptpar", name, v, config, a.batch, p, fresh=True, timeout=600))
+            tmem = (
+                max(run_distributed(_peak, p, "torch", name, v, config, a.batch, p, fresh=True, timeout=600))
+                if tt
+                else None
+            )
+            sim = simulate(build(name, p, M, v), v).bubble_fraction
+            meas = 1 - statistics.mean(r[name]["busy_fraction"] for r in res)
+            hidden = statistics.mean(r[name]["hidden_comm_fraction"] for r in res)
+            rows.append({"pp": p, "schedule": name, "v": v, "time_s": t, "tokens_per_s": tokens / t, "peak_bytes": mem,
+                         "torch_time_s": tt, "torch_peak_bytes": tmem, "bubble_simulated": sim,
+                         "bubble_measured": meas, "hidden_comm_fraction": hidden})  # fmt: skip
+            torch_cols = (
+                f"{tt:8.3f} {tokens / tt:7.0f} {tmem / 1e6:8.1f} {tt / t:12.2f}"
+                if tt
+                else f"{'-':>8s} {'-':>7s} {'-':>8s} {'-':>12s}"
+            )
+            print(f"{p:2d} {name + (f' v={v}' if v > 1 else ''):15s} {t:9.3f} {tokens / t:7.0f} {mem / 1e6:8.1f} "
+                  f"{torch_cols} {sim:10.3f} {meas:6.3f} {hidden:11.3f}")  # fmt: skip
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"args": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=1)

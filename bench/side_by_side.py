@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import peak_memory_of
 from torch import nn
 
 from gptpar import ParallelLayout, init_parallel, parallelize
@@ -66,6 +67,13 @@ class Model(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), idx.flatten())
 
 
+TP_PLAN = {
+    "emb": Replicate(), "pos": Replicate(), "head": Replicate(),
+    "blocks.*.attn.qkv": Colwise(chunks=3), "blocks.*.attn.proj": Rowwise(),
+    "blocks.*.fc": Colwise(), "blocks.*.out": Rowwise(),
+}  # fmt: skip
+
+
 def _timed(fn, reps):
     ts = []
     for rep in range(reps + 1):
@@ -77,18 +85,17 @@ def _timed(fn, reps):
     return statistics.median(ts)
 
 
-def _tp(reps):
+def _tp(reps, only=None, result=None):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.set_num_threads(1)
     st = init_parallel(ParallelLayout(tp=2))
     idx = torch.randint(0, 2048, (8, 128), generator=torch.Generator().manual_seed(0))
+    if only == "gptpar":
+        model = parallelize(Model(), st, TP_PLAN)
+        return lambda: (model(idx).backward(), model.zero_grad(set_to_none=True))
     torch.manual_seed(0)
-    ours = parallelize(Model(), st, {
-        "emb": Replicate(), "pos": Replicate(), "head": Replicate(),
-        "blocks.*.attn.qkv": Colwise(chunks=3), "blocks.*.attn.proj": Rowwise(),
-        "blocks.*.fc": Colwise(), "blocks.*.out": Rowwise(),
-    })  # fmt: skip
+    ours = parallelize(Model(), st, TP_PLAN)
     torch.manual_seed(0)
     theirs = Model()
     for b in theirs.blocks:
@@ -100,6 +107,8 @@ def _tp(reps):
                 t.copy_(torch.cat([torch.cat([parts[j][i] for j in range(3)]) for i in range(2)]))
         parallelize_module(b, st.mesh["tp"], {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
                                               "fc": ColwiseParallel(), "out": RowwiseParallel()})  # fmt: skip
+    if only == "torch":
+        return lambda: (theirs(idx).backward(), theirs.zero_grad(set_to_none=True))
     la, lb = ours(idx).item(), theirs(idx).item()
     assert abs(la - lb) < 1e-4, f"the two tensor-parallel models disagree: {la} vs {lb}"  # same model, same math
     out = {}
@@ -123,16 +132,17 @@ def _state_bytes(tensors):
     return total
 
 
-def _zero(reps):
+def _zero(reps, only=None, result=None):
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
     st = init_parallel(ParallelLayout(dp=2))
     idx = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(st.rank))
     torch.manual_seed(0)
-    ours = Model()
-    ddp = DataParallel(ours, st, shard_grads=True)
-    zopt = ZeroAdamW(ddp, lr=1e-4)
+    if only != "torch":
+        ours = Model()
+        ddp = DataParallel(ours, st, shard_grads=True)
+        zopt = ZeroAdamW(ddp, lr=1e-4)
 
     def ours_step():
         ours(idx).backward()
@@ -140,6 +150,8 @@ def _zero(reps):
         zopt.step()
         ddp.zero_grad()
 
+    if only == "gptpar":
+        return ours_step
     torch.manual_seed(0)
     theirs = Model()
     for b in theirs.blocks:
@@ -152,6 +164,8 @@ def _zero(reps):
         fopt.step()
         fopt.zero_grad(set_to_none=False)
 
+    if only == "torch":
+        return theirs_step
     t_ours, t_theirs = _timed(ours_step, reps), _timed(theirs_step, reps)
     ours_bytes = {
         "weights": sum(b.param.numel() * b.param.element_size() for b in ddp.buckets),
@@ -163,7 +177,23 @@ def _zero(reps):
         "gradients": _state_bytes(p.grad for p in theirs.parameters() if p.grad is not None),
         "optimizer": _state_bytes(v for s in fopt.state.values() for k, v in s.items() if k != "step"),
     }
-    return {"gptpar ZeRO-1": {"time_s": t_ours, **ours_bytes}, "torch FSDP2 (ZeRO-3)": {"time_s": t_theirs, **theirs_bytes}}
+    return {
+        "gptpar ZeRO-1": {"time_s": t_ours, **ours_bytes},
+        "torch FSDP2 (ZeRO-3)": {"time_s": t_theirs, **theirs_bytes},
+    }
+
+
+def _peak(kind, impl):
+    """Peak resident bytes of one implementation, built and stepped twice in a fresh process."""
+    torch.set_num_threads(1)
+
+    def build():
+        res = {}
+        fn = _tp if kind == "tp" else _zero
+        step = fn(0, only=impl, result=res)
+        return step
+
+    return peak_memory_of(build)
 
 
 def main() -> None:
@@ -173,21 +203,35 @@ def main() -> None:
     a = ap.parse_args()
     tp = run_distributed(_tp, 2, a.reps, timeout=1200)
     zero = run_distributed(_zero, 2, a.reps, timeout=1200)
+    for kind, res, names in (("tp", tp, ("gptpar parallelize", "torch parallelize_module")),
+                             ("zero", zero, ("gptpar ZeRO-1", "torch FSDP2 (ZeRO-3)"))):  # fmt: skip
+        for name, impl in zip(names, ("gptpar", "torch"), strict=True):
+            peak = max(run_distributed(_peak, 2, kind, impl, fresh=True, timeout=600))
+            for r in res:
+                r[name]["peak_bytes"] = peak
     date = time.strftime("%Y-%m-%d")
     print(f"side by side, CPU gloo, {os.cpu_count()} cores, {date}, torch {torch.__version__}")
     print("tensor parallel tp=2 (4-layer GPT, h=256, batch 8 x 128), forward + backward:")
     base = max(r["torch parallelize_module"]["time_s"] for r in tp)
     for name in tp[0]:
         t = max(r[name]["time_s"] for r in tp)
-        sent = f"{tp[0][name]['bytes'] / 1e6:8.2f} MB sent/rank" if tp[0][name]["bytes"] else "(bytes not counted: DTensor)"
-        print(f"  {name:26s} {t:7.3f} s  {base / t:5.2f}x torch  {sent}")
+        sent = (
+            f"{tp[0][name]['bytes'] / 1e6:8.2f} MB sent/rank"
+            if tp[0][name]["bytes"]
+            else "(bytes not counted: DTensor)"
+        )
+        print(
+            f"  {name:26s} {t:7.3f} s  {8 * 128 / t:7.0f} tok/s  {base / t:5.2f}x torch  "
+            f"peak {tp[0][name]['peak_bytes'] / 1e6:6.1f} MB/rank  {sent}"
+        )
     print("sharded optimizer dp=2, step with AdamW, bytes each rank keeps between steps:")
     base = max(r["torch FSDP2 (ZeRO-3)"]["time_s"] for r in zero)
     for name in zero[0]:
         r0 = zero[0][name]
         t = max(r[name]["time_s"] for r in zero)
-        print(f"  {name:26s} {t:7.3f} s  {base / t:5.2f}x torch  weights {r0['weights'] / 1e6:6.2f} MB  "
-              f"grads {r0['gradients'] / 1e6:6.2f} MB  optimizer {r0['optimizer'] / 1e6:6.2f} MB")  # fmt: skip
+        print(f"  {name:26s} {t:7.3f} s  {2 * 4 * 128 / t:7.0f} tok/s  {base / t:5.2f}x torch  "
+              f"peak {r0['peak_bytes'] / 1e6:6.1f} MB/rank  weights {r0['weights'] / 1e6:5.2f} MB  "
+              f"grads {r0['gradients'] / 1e6:5.2f} MB  optimizer {r0['optimizer'] / 1e6:5.2f} MB")  # fmt: skip
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"date": date, "tensor_parallel": tp, "sharded_optimizer": zero}, f, indent=1)
