@@ -25,6 +25,9 @@ parallelism, ``s b h (10 + 24/t + 5 a s/(h t))`` with TP and ``s b h (34/t + 5 a
 :func:`korthikanti_bytes`. The ``5 a s/h`` term is the stored softmax and dropout mask that flash
 attention does not keep.
 
+Full recomputation (``recompute``, gptpar's ``ParallelGPT(recompute=True)``) keeps one ``s' b h e`` input per
+layer and costs one more forward (compute x 4/3).
+
 Time: compute at an assumed MFU (6 N tokens FLOPs + attention), tp communication (4 all-reduces or
 all-gather/reduce-scatter pairs per layer forward+backward of ``s b h e`` bytes, ring cost
 ``2 (t-1)/t`` over the intra-node link), cp ring attention K/V traffic, dp gradient all-reduce over the
@@ -63,6 +66,7 @@ class Plan:
     zero1: bool
     memory: dict  # bytes per GPU by kind
     time: dict  # seconds per step by kind
+    recompute: bool = False
 
     @property
     def total_memory(self) -> float:
@@ -109,8 +113,11 @@ def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int
     return total
 
 
-def activation_bytes(config: GPTConfig, units, tp: int, cp: int, b: int, s: int, sp: bool, elem: int) -> int:
-    """Bytes gptpar's layers save for backward for one microbatch on one rank holding ``units``."""
+def activation_bytes(
+    config: GPTConfig, units, tp: int, cp: int, b: int, s: int, sp: bool, elem: int, recompute: bool = False
+) -> int:
+    """Bytes gptpar's layers save for backward for one microbatch on one rank holding ``units``. With
+    ``recompute`` a block keeps only its input (``s' b h e``; the block being recomputed is transient)."""
     h, f, a, V = config.d_model, config.ffn_hidden, config.n_head, config.vocab_size
     s = s // cp
     sn = s // tp if sp and tp > 1 else s  # norm / residual region
@@ -136,7 +143,7 @@ def activation_bytes(config: GPTConfig, units, tp: int, cp: int, b: int, s: int,
                 # ln_f, lm_head input, fp32 softmax of the vocab shard in the loss (+ small index tensors)
                 total += norm + sc * b * h * elem + s * b * (V // tp) * 4 + s * b * 8 * 2 + s * b
             else:
-                total += block
+                total += sn * b * h * elem if recompute else block
     return total
 
 
@@ -161,7 +168,8 @@ def in_flight(schedule: str, p: int, r: int, m: int, v: int) -> int:
 
 
 def memory(config: GPTConfig, tp=1, pp=1, dp=1, cp=1, v=1, micro_batch=1, m=1, sp=False, zero1=False,
-           param_bytes=2, grad_bytes=2, act_bytes=2, schedule="1f1b", rank=0, seq_len=None) -> dict:  # fmt: skip
+           param_bytes=2, grad_bytes=2, act_bytes=2, schedule="1f1b", rank=0, seq_len=None,
+           recompute=False) -> dict:  # fmt: skip
     """Memory per GPU on pp rank ``rank`` by kind, in bytes."""
     units = stage_units(config, pp, rank, v) if pp > 1 else [(0, config.n_layer + 2)]
     n = param_count(config, tp, units)
@@ -169,7 +177,7 @@ def memory(config: GPTConfig, tp=1, pp=1, dp=1, cp=1, v=1, micro_batch=1, m=1, s
     optimizer = n * (8 + (4 if (param_bytes != 4 or zero1) else 0))
     if zero1:
         optimizer = math.ceil(optimizer / dp)
-    acts = activation_bytes(config, units, tp, cp, micro_batch, seq_len or config.seq_len, sp, act_bytes)
+    acts = activation_bytes(config, units, tp, cp, micro_batch, seq_len or config.seq_len, sp, act_bytes, recompute)
     return {
         "weights": n * param_bytes,
         "gradients": n * grad_bytes,
@@ -213,7 +221,9 @@ def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_p
         dp = gpus // (tp * pp * cp)
         if a % tp or config.vocab_size % tp or L < pp or s % (2 * cp) and cp > 1:
             continue
-        for mb, v, sp, zero1 in itertools.product([1, 2, 4, 8], [1, 2], [False, True], [False, True]):
+        for mb, v, sp, zero1, rc in itertools.product(
+            [1, 2, 4, 8], [1, 2], [False, True], [False, True], [False, True]
+        ):
             if (sp and tp == 1) or (v > 1 and pp == 1) or (zero1 and dp == 1) or global_batch % (dp * mb):
                 continue
             m = global_batch // (dp * mb)
@@ -221,14 +231,14 @@ def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_p
                 continue
             mem = {k: 0 for k in ("weights", "gradients", "optimizer", "activations")}
             for r in {0, pp - 1} if pp > 1 else {0}:  # the first and last stages hold the most
-                mr = memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, 2, 2, 2, "1f1b", r)
+                mr = memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, 2, 2, 2, "1f1b", r, recompute=rc)
                 if sum(mr.values()) > sum(mem.values()):
                     mem = mr
             if sum(mem.values()) > gpu_mem:
                 continue
             tokens = global_batch * s
             flops = 6 * n_total * tokens + 12 * L * h * s * tokens
-            compute = flops / (gpus * peak_flops * mfu)
+            compute = flops / (gpus * peak_flops * mfu) * (4 / 3 if rc else 1)  # recompute: one more forward
             tp_bw = intra_bw
             per_layer = 4 * 2 * (tp - 1) / tp * (s // cp) * mb * h * 2 if tp > 1 else 0
             tp_time = per_layer * (L / pp) * m / tp_bw
@@ -238,7 +248,7 @@ def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_p
             pp_time = (2 * m * (s // cp) * mb * h * 2 / (inter_bw if tp * cp * dp >= gpus_per_node else intra_bw)) if pp > 1 else 0  # fmt: skip
             bubble = compute * ((pp - 1) / (v * m + pp - 1)) / (1 - (pp - 1) / (v * m + pp - 1)) if pp > 1 else 0
             time = {"compute": compute, "tp": tp_time, "cp": cp_time, "dp": dp_time, "pp": pp_time, "bubble": bubble}
-            out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time))
+            out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time, rc))
     out.sort(key=lambda p: p.step_time)
     return out[:top]
 
@@ -273,12 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     if not plans:
         print("no layout fits: add GPUs or memory, or shorten the sequence / micro-batch")
         return
-    print(f"{'tp':>3} {'pp':>3} {'dp':>3} {'cp':>3} {'v':>2} {'mb':>3} {'SP':>3} {'Z1':>3} {'GiB':>6} "
+    print(f"{'tp':>3} {'pp':>3} {'dp':>3} {'cp':>3} {'v':>2} {'mb':>3} {'SP':>3} {'Z1':>3} {'RC':>3} {'GiB':>6} "
           f"{'w':>5} {'g':>5} {'opt':>5} {'act':>5} {'step s':>7} {'comp':>6} {'tp':>5} {'cp':>5} {'dp':>5} {'pp':>5} {'bubble':>6}")  # fmt: skip
     gib = 2**30
     for p in plans:
         m, t = p.memory, p.time
         print(f"{p.tp:3d} {p.pp:3d} {p.dp:3d} {p.cp:3d} {p.v:2d} {p.micro_batch:3d} {'y' if p.sequence_parallel else '-':>3} "
-              f"{'y' if p.zero1 else '-':>3} {p.total_memory / gib:6.1f} {m['weights'] / gib:5.1f} {m['gradients'] / gib:5.1f} "
+              f"{'y' if p.zero1 else '-':>3} {'y' if p.recompute else '-':>3} {p.total_memory / gib:6.1f} {m['weights'] / gib:5.1f} {m['gradients'] / gib:5.1f} "
               f"{m['optimizer'] / gib:5.1f} {m['activations'] / gib:5.1f} {p.step_time:7.2f} {t['compute']:6.2f} "
               f"{t['tp']:5.2f} {t['cp']:5.2f} {t['dp']:5.2f} {t['pp']:5.2f} {t['bubble']:6.2f}")  # fmt: skip

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--schedule", default="1f1b", choices=SCHEDULES)
     a("--virtual-stages", type=int, default=2, help="model chunks per rank for --schedule interleaved")
     a("--sequence-parallel", action="store_true")
+    a("--recompute", action="store_true", help="full activation recomputation (keep one input per layer)")
     a("--precision", default="fp32", choices=PRECISIONS)
     a("--reduce-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="data-parallel gradient reduction")
     a("--model", default="tiny", choices=sorted(PRESETS))
@@ -146,6 +147,8 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
             )
     if args.batch_size % (dp * m):
         raise GptparConfigError(f"--batch-size {args.batch_size} is not divisible by dp*micro_batches = {dp}*{m}")
+    if args.recompute and model.dropout > 0:
+        raise GptparConfigError("--recompute with --dropout > 0 is not supported (dropout masks would not replay)")
     if args.cp > 1 and model.dropout > 0:
         raise GptparConfigError(
             "--dropout > 0 is not supported with --cp > 1 (attention dropout under context parallelism)"
@@ -183,7 +186,7 @@ def worker(argv: list[str]) -> None:
     torch.manual_seed(args.seed)
     st = init_parallel(run.layout, seed=args.seed)
     cfg = run.model
-    options = {"sequence_parallel": args.sequence_parallel}
+    options = {"sequence_parallel": args.sequence_parallel, "recompute": args.recompute}
     if args.pp > 1:
         v = args.virtual_stages if args.schedule == "interleaved" else 1
         engine, part = make_pipeline(cfg, st, args.schedule, run.micro_batches, v, **options)

@@ -120,3 +120,25 @@ def _heads_not_divisible():
 def test_parallel_gpt_rejects_bad_layout_at_construction():
     msg = run_distributed(_heads_not_divisible, 2)[0]
     assert "n_head=3 is not divisible by tp=2" in msg
+
+
+@pytest.mark.parametrize("options", [{"recompute": True}, {"recompute": True, "sequence_parallel": True}],
+                         ids=["recompute", "recompute+sp"])  # fmt: skip
+def test_activation_recompute_matches_reference(options):
+    config = CONFIGS["gelu-layernorm-tied"]
+    results = run_distributed(train_parallel, 2, config, ParallelLayout(tp=2), 2, options)
+    assert_matches_reference(results, train_reference(config, steps=2), f"tp=2 {options}")
+
+
+def _recompute_dropout():
+    st = init_parallel(ParallelLayout(tp=2))
+    try:
+        ParallelGPT(
+            GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=4, d_model=32, dropout=0.1), st, recompute=True
+        )
+    except GptparConfigError as e:
+        return str(e)
+
+
+def test_recompute_with_dropout_is_refused():
+    assert "recompute with dropout=0.1 is not supported" in run_distributed(_recompute_dropout, 2)[0]

@@ -16,10 +16,10 @@ CONFIG = GPTConfig(vocab_size=256, seq_len=64, n_layer=4, n_head=4, d_model=64)
 B = 2
 
 
-def _measure(layout, sp, zero1):
+def _measure(layout, sp, zero1, recompute=False):
     st = init_parallel(layout)
     units = stage_units(CONFIG, layout.pp, st.pp.rank) if layout.pp > 1 else [(0, CONFIG.n_layer + 2)]
-    model = ParallelGPT(CONFIG, st, sequence_parallel=sp, units=units[0])
+    model = ParallelGPT(CONFIG, st, sequence_parallel=sp, units=units[0], recompute=recompute)
     params = list({id(p): p for p in model.parameters()}.values())
     seen, acts = set(), [0]
     pids = {p.data_ptr() for p in params}
@@ -52,7 +52,8 @@ def _measure(layout, sp, zero1):
         optimizer = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
     weights = sum(p.numel() * p.element_size() for p in params)
-    want = memory(CONFIG, layout.tp, layout.pp, layout.dp, layout.cp, 1, B, 1, sp, zero1, 4, 4, 4, rank=st.pp.rank)
+    want = memory(CONFIG, layout.tp, layout.pp, layout.dp, layout.cp, 1, B, 1, sp, zero1, 4, 4, 4, rank=st.pp.rank,
+                  recompute=recompute)  # fmt: skip
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": acts[0]}, want
 
 
@@ -63,13 +64,14 @@ CASES = {
     "pp2": (ParallelLayout(pp=2), False, False),
     "cp2": (ParallelLayout(cp=2), False, False),
     "dp2-zero1": (ParallelLayout(dp=2), False, True),
+    "tp2-recompute": (ParallelLayout(tp=2), False, False, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_memory_model_matches_measured_bytes_within_10_percent(case):
-    layout, sp, zero1 = CASES[case]
-    for rank, (got, want) in enumerate(run_distributed(_measure, layout.world_size, layout, sp, zero1)):
+    layout, sp, zero1, *recompute = CASES[case]
+    for rank, (got, want) in enumerate(run_distributed(_measure, layout.world_size, layout, sp, zero1, *recompute)):
         for kind in ("weights", "gradients", "optimizer", "activations"):
             assert got[kind] > 0
             assert want[kind] == pytest.approx(got[kind], rel=0.10), (case, rank, kind, got, want)

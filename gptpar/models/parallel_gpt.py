@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gptpar.errors import GptparConfigError
 from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm, mlp_activation
@@ -140,6 +141,7 @@ class ParallelGPT(nn.Module):
     mean over all tokens, the same scalar on every rank, equal to the reference model's.
 
     Options: ``sequence_parallel`` (Megatron SP: norms, dropout and residuals hold ``[s/tp, b, h]``);
+    ``recompute`` (full activation recomputation: each block keeps only its input for backward);
     ``cp_impl`` ``"ring"`` or ``"ulysses"``; ``cp_sharding`` ``"zigzag"`` or ``"contiguous"``.
     With cp > 1, every parameter's gradient is partial per cp rank: sum it over cp (and dp) after
     backward, e.g. with :func:`gptpar.parallel.data.allreduce_gradients`.
@@ -162,6 +164,7 @@ class ParallelGPT(nn.Module):
         cp_impl: str = "ring",
         cp_sharding: str = "zigzag",
         units: tuple[int, int] | None = None,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         state.layout.validate_model(config)
@@ -177,6 +180,12 @@ class ParallelGPT(nn.Module):
             raise GptparConfigError(
                 f"Ulysses needs the heads per tp rank (n_head/tp = {config.n_head}/{tp.size}) divisible by cp={cp.size}"
             )
+        if recompute and config.dropout > 0:
+            raise GptparConfigError(
+                f"recompute with dropout={config.dropout} is not supported: the tensor-parallel dropout stream "
+                "would not replay the same masks; set dropout=0"
+            )
+        self.recompute = recompute
         seq_shards(config.seq_len, cp.size, cp_sharding, tp.size if sequence_parallel else 1)  # validates now
         n_units = config.n_layer + 2
         a, b = units if units is not None else (0, n_units)
@@ -278,7 +287,12 @@ class ParallelGPT(nn.Module):
         shards = self._shards(seq_len)
         for block in self.blocks.values():
             block.attn.shards = shards
-            x = block(x)
+            if self.recompute and self.training and torch.is_grad_enabled():
+                # Full-layer recomputation: keep only each block's input; the backward re-runs the block
+                # (its collectives included, in the same order on every rank).
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         if not self.has_head:
             return x
         return self.head(x, targets, seq_len, ignore_index)
