@@ -32,6 +32,14 @@ def _positions(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
     return torch.arange(n, device=device) if pos is None else pos
 
 
+def _scores(qf, kf, causal, q_pos, k_pos, scale):
+    """Scaled scores ``q k^T`` and the visibility mask (None when nothing is masked)."""
+    scale = 1.0 / math.sqrt(qf.shape[-1]) if scale is None else scale
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    dev = qf.device
+    return s, _mask(_positions(qf.shape[-2], q_pos, dev), _positions(kf.shape[-2], k_pos, dev), causal, dev)
+
+
 def reference_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -43,10 +51,8 @@ def reference_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch attention forward, accumulating in fp32 (or the inputs' dtype if wider); returns
     ``(out in q's dtype, lse)``."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = _acc(q)
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-    mask = _mask(_positions(q.shape[-2], q_pos, q.device), _positions(k.shape[-2], k_pos, q.device), causal, q.device)
+    s, mask = _scores(q.to(acc), k.to(acc), causal, q_pos, k_pos, scale)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
@@ -72,8 +78,7 @@ def reference_attention_backward(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = _acc(q)
     qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    mask = _mask(_positions(q.shape[-2], q_pos, q.device), _positions(k.shape[-2], k_pos, q.device), causal, q.device)
+    s, mask = _scores(qf, kf, causal, q_pos, k_pos, scale)
     safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # p = 0 on empty rows
     p = torch.exp(s - safe_lse.unsqueeze(-1))
     if mask is not None:
