@@ -276,13 +276,14 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         group, dim = ctx.group, ctx.dim
         gather = _gather_seq_async(x, group, dim)  # the weight gradient needs the full input again
-        grad_x = comm.reduce_scatter(g.matmul(weight), group, dim)  # overlaps the re-gather
+        # (autocast: compute in g's dtype as the forward did; return gradients in the inputs' dtypes)
+        grad_x = comm.reduce_scatter(g.matmul(weight.to(g.dtype)), group, dim).to(x.dtype)  # overlaps the gather
         params = ctx.params
 
         def weight_grads(x_full):
             g2 = g.reshape(-1, g.shape[-1])
-            gw = g2.t().matmul(x_full.reshape(-1, x_full.shape[-1]))
-            return gw, (g2.sum(0) if params[1] is not None else None)
+            gw = g2.t().matmul(x_full.reshape(-1, x_full.shape[-1]).to(g.dtype)).to(weight.dtype)
+            return gw, (g2.sum(0).to(params[1].dtype) if params[1] is not None else None)
 
         queue = deferred_queue()
         if queue is not None:  # zero-bubble W: re-gather then (same order on every tp rank)

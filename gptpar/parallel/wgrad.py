@@ -55,12 +55,14 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        grad_x = g.matmul(weight) if ctx.needs_input_grad[0] else None
+        # Under autocast the output (and so g) is low precision while x and W are stored as given:
+        # compute in g's dtype, as autocast did forward, and return gradients in the inputs' dtypes.
+        grad_x = g.matmul(weight.to(g.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
 
         def weight_grads():
             g2 = g.reshape(-1, g.shape[-1])
-            gw = g2.t().matmul(x.reshape(-1, x.shape[-1]))
-            gb = g2.sum(0) if ctx.has_bias else None
+            gw = g2.t().matmul(x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype)
+            gb = g2.sum(0).to(ctx.params[1].dtype) if ctx.has_bias else None
             return gw, gb
 
         if _queue is not None:
