@@ -12,10 +12,15 @@ from gptpar.ops.grad import (
     unpack_accumulate,
     unscale_check_,
 )
+from gptpar.ops.norm import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
 
 __all__ = [
     "adamw_step_",
     "attention",
+    "layer_norm",
+    "rms_norm",
+    "reference_layer_norm",
+    "reference_rms_norm",
     "pack_cast",
     "reference_adamw_step_",
     "reference_attention_backward",
