@@ -361,6 +361,45 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None
 
 
+class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
+    """Same contract as :class:`_VocabParallelCrossEntropy`; the Triton kernels compute the per-row
+    statistics in one pass and keep only the logits (no fp32 softmax copy) for backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group, ignore_index):
+        import triton
+
+        from gptpar.kernels.cross_entropy import ce_stats_kernel
+
+        logits = logits.contiguous()
+        n, local_v = logits.shape
+        start = group.rank * local_v
+        row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
+        sum_exp, target_logit = torch.empty_like(row_max), torch.empty_like(row_max)
+        block = min(triton.next_power_of_2(local_v), 4096)
+        ce_stats_kernel[(n,)](logits, target, row_max, sum_exp, target_logit, logits.stride(0), local_v, start,
+                              BLOCK=block)  # fmt: skip
+        global_max = comm.all_reduce(row_max.clone(), group, op=comm.ReduceOp.MAX)
+        both = torch.stack([target_logit, sum_exp * torch.exp(row_max - global_max)])
+        comm.all_reduce(both, group)
+        valid = target != ignore_index
+        loss = (both[1].log() + global_max - both[0]).masked_fill(~valid, 0.0)
+        ctx.save_for_backward(logits, target, global_max, both[1], valid)
+        ctx.start, ctx.block = start, block
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from gptpar.kernels.cross_entropy import ce_grad_kernel
+
+        logits, target, global_max, sum_exp, valid = ctx.saved_tensors
+        grad = logits.clone()  # written in place by the kernel (the saved logits stay intact)
+        d = (grad_loss * valid).float().contiguous()
+        ce_grad_kernel[(grad.shape[0],)](grad, target, global_max, sum_exp, d, grad.stride(0), grad.shape[1], ctx.start,
+                                         BLOCK=ctx.block)  # fmt: skip
+        return grad, None, None, None
+
+
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int = -100
 ) -> torch.Tensor:
@@ -374,9 +413,10 @@ def vocab_parallel_cross_entropy(
         raise GptparConfigError(
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on leading dims"
         )
-    flat = _VocabParallelCrossEntropy.apply(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), group, ignore_index
-    )
+    from gptpar.ops.norm import use_triton  # the one Triton dispatch switch
+
+    fn = _TritonVocabParallelCrossEntropy if use_triton(logits) else _VocabParallelCrossEntropy
+    flat = fn.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), group, ignore_index)
     return flat.view(target.shape)
 
 
