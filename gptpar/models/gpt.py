@@ -100,10 +100,30 @@ def preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
-def make_norm(config: GPTConfig, device=None, dtype=None) -> nn.Module:
+class FusedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state dict) running ``gptpar.ops.layer_norm`` (Triton on GPUs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from gptpar.ops.norm import layer_norm
+
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class FusedRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and state dict) running ``gptpar.ops.rms_norm`` (Triton on GPUs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from gptpar.ops.norm import rms_norm
+
+        return rms_norm(x, self.weight, self.eps if self.eps is not None else 1e-5)
+
+
+def make_norm(config: GPTConfig, device=None, dtype=None, fused: bool = False) -> nn.Module:
+    """The config's norm; ``fused`` picks gptpar's op (the reference model keeps torch's own)."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias, device=device, dtype=dtype)
+        return (FusedRMSNorm if fused else nn.RMSNorm)(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
+    cls = FusedLayerNorm if fused else nn.LayerNorm
+    return cls(config.d_model, eps=config.norm_eps, bias=config.bias, device=device, dtype=dtype)
 
 
 def mlp_activation(config: GPTConfig, h: torch.Tensor) -> torch.Tensor:

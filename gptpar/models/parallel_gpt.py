@@ -121,9 +121,9 @@ class ParallelBlock(nn.Module):
         cp_impl: str = "ring",
     ) -> None:
         super().__init__()
-        self.ln_1 = make_norm(config)
+        self.ln_1 = make_norm(config, fused=True)
         self.attn = ParallelSelfAttention(config, state, rng, sequence_parallel, cp_impl)
-        self.ln_2 = make_norm(config)
+        self.ln_2 = make_norm(config, fused=True)
         self.mlp = ParallelMLP(config, state.tp, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,7 @@ class ParallelGPT(nn.Module):
             }
         )
         if self.has_head:
-            self.ln_f = make_norm(config)
+            self.ln_f = make_norm(config, fused=True)
             self.lm_head = ColumnParallelLinear(
                 config.d_model, config.vocab_size, bias=False, group=tp, sequence_parallel=sp
             )

@@ -91,13 +91,73 @@ def reference_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+BLOCK_M, BLOCK_N = 32, 32
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
+
+
+def _pos(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
+    return (torch.arange(n) if pos is None else pos).to(device=device, dtype=torch.int64).contiguous()
+
+
+def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
+    """The Triton kernel (``gptpar.kernels.attention``): same contract as the reference."""
+    import triton
+
+    from gptpar.kernels.attention import attn_fwd_kernel
+
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    bh, sq, sk = qf.shape[0], qf.shape[1], kf.shape[1]
+    out = torch.empty_like(qf)
+    lse = torch.empty(bh, sq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(sq, BLOCK_M), bh)
+    attn_fwd_kernel[grid](qf, kf, vf, out, lse, _pos(sq, q_pos, q.device), _pos(sk, k_pos, q.device), sq, sk, scale,
+                          CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
+    return out.view(q.shape), lse.view(q.shape[:-1])
+
+
+def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None):
+    import triton
+
+    from gptpar.kernels.attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(dout)
+    bh, sq, sk = qf.shape[0], qf.shape[1], kf.shape[1]
+    lsef = lse.reshape(bh, sq).contiguous().float()
+    delta = (dof.float() * _flat(out).float()).sum(-1).contiguous()
+    dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
+    qp, kp = _pos(sq, q_pos, q.device), _pos(sk, k_pos, q.device)
+    attn_bwd_dkdv_kernel[(triton.cdiv(sk, BLOCK_N), bh)](qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, sq, sk, scale,
+                                                          CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
+    attn_bwd_dq_kernel[(triton.cdiv(sq, BLOCK_M), bh)](qf, kf, vf, dof, lsef, delta, dq, qp, kp, sq, sk, scale,
+                                                        CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+def _triton(q: torch.Tensor) -> bool:
+    from gptpar.ops.norm import use_triton
+
+    d = q.shape[-1]
+    return use_triton(q) and d in (16, 32, 64, 128) and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
 def attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
-    """Dispatching forward (the Triton kernel slots in here for CUDA tensors); see module docstring."""
+    """Dispatching forward: the Triton kernel for CUDA tensors (or ``GPTPAR_TRITON=1``), else the reference."""
+    if _triton(q):
+        return triton_attention_forward(q, k, v, causal, q_pos, k_pos, scale)
     return reference_attention_forward(q, k, v, causal, q_pos, k_pos, scale)
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None):
     """Dispatching backward for one block; see module docstring."""
+    if _triton(q):
+        return triton_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale)
     return reference_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale)
 
 
