@@ -24,7 +24,7 @@ def _scores(q, k_ptrs, kpos_ptrs, offs_n, qpos, Sk, scale, CAUSAL: tl.constexpr)
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, O, LSE, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
+def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -51,7 +51,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.const
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
-    tl.store(O + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask[:, None])
+    tl.store(Out + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=qmask[:, None])
     tl.store(LSE + bh * Sq + offs_m, lse, mask=qmask)
 
 
