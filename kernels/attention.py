@@ -51,7 +51,9 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.con
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
-    tl.store(Out + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=qmask[:, None])
+    tl.store(
+        Out + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=qmask[:, None]
+    )
     tl.store(LSE + bh * Sq + offs_m, lse, mask=qmask)
 
 
