@@ -23,7 +23,6 @@ import os
 import shutil
 
 import torch
-import torch.distributed as dist
 
 from gptpar.errors import GptparConfigError
 from gptpar.parallel.mesh import ParallelState
@@ -175,6 +174,6 @@ def load(folder: str, chunks, optimizer, state: ParallelState, config_dict: dict
                 p.copy_(shard_tensor(src, dim, c, state.tp.size, state.tp.rank))
     meta["resharded"] = True
     meta["extra"] = {}
-    if dist.is_initialized() and state.rank == 0:
+    if state.rank == 0:
         print(f"gptpar: resharded checkpoint from {meta['layout']} to {state.layout}; optimizer state starts fresh")
     return meta

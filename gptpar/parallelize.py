@@ -294,9 +294,11 @@ def parallelize(
     for name in names:
         if any(name.startswith(r + ".") for r in replaced):
             continue  # inside a module already replaced whole
-        style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(name, pat) and not used.add(pat)), None)
-        if style is None:
+        pat = next((p for p in plan if fnmatch.fnmatchcase(name, p)), None)  # the first matching entry wins
+        if pat is None:
             continue
+        used.add(pat)
+        style = plan[pat]
         module = model.get_submodule(name)
         new = style(module, name, state)
         if new is not module:

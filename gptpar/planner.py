@@ -194,7 +194,7 @@ def parse_size(text: str) -> float:
 
 
 def model_for(params: str, seq: int) -> GPTConfig:
-    key = params.strip().upper().replace("M", "M").rstrip()
+    key = params.strip().upper()
     for name, (L, h, a) in GPT3_SHAPES.items():
         if name.upper() == key:
             return GPTConfig(vocab_size=50304, seq_len=seq, n_layer=L, n_head=a, d_model=h)

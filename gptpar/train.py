@@ -12,6 +12,7 @@ end ``OUT/loss.png`` and ``OUT/summary.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -265,7 +266,7 @@ def worker(argv: list[str]) -> None:
         x, y = x.to(st.device), y.to(st.device)
         scale = scaler.scale if scaler else 1.0
         if engine is not None:
-            sync = ddp.no_sync() if ddp else _null()
+            sync = ddp.no_sync() if ddp else contextlib.nullcontext()
             with sync, autocast(args.precision, device_type):
                 loss = engine.step(x, y, loss_scale=scale)
             comm_s += engine.last_stats.blocked_s
@@ -273,7 +274,7 @@ def worker(argv: list[str]) -> None:
             xs, ys = x.chunk(m), y.chunk(m)
             total = torch.zeros((), device=st.device)
             for i in range(m):
-                sync = ddp.no_sync() if (ddp and i < m - 1) else _null()
+                sync = ddp.no_sync() if (ddp and i < m - 1) else contextlib.nullcontext()
                 with sync:
                     with autocast(args.precision, device_type):
                         _, loss_i = chunks[0](xs[i], ys[i])
@@ -339,14 +340,6 @@ def worker(argv: list[str]) -> None:
               f"log {log_path}, plot {os.path.join(args.out, 'loss.png')}")  # fmt: skip
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def plot_losses(log_path: str, png: str) -> None:
     import matplotlib
 
@@ -374,12 +367,10 @@ def main(argv: list[str] | None = None) -> None:
     if "LOCAL_RANK" in os.environ:  # started by torchrun (ours or an outer one): be a worker
         # Our launcher hands the options over in the environment: torchrun's own parser would otherwise
         # take abbreviations such as --nproc for its --nproc-per-node.
-        import torch.distributed as dist
+        from gptpar.parallel.mesh import shutdown_parallel
 
         worker(json.loads(os.environ[ARGV_ENV]) if ARGV_ENV in os.environ else argv)
-        if dist.is_initialized():
-            dist.barrier()  # nobody tears down its connections while a peer still uses them
-            dist.destroy_process_group()
+        shutdown_parallel()
         # Skip the interpreter's teardown: a gloo thread still joinable there aborts the process
         # ("terminate called without an active exception") after a run that succeeded.
         sys.stdout.flush()

@@ -52,7 +52,8 @@ def test_norm_kernels_match_torch_under_the_interpreter():
 def test_dispatch_uses_the_reference_on_cpu_by_default(monkeypatch):
     import torch
 
-    from gptpar.ops.norm import layer_norm, use_triton
+    from gptpar.ops.dispatch import use_triton
+    from gptpar.ops.norm import layer_norm
 
     monkeypatch.delenv("GPTPAR_TRITON", raising=False)
     x = torch.randn(4, 8)

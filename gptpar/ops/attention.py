@@ -18,26 +18,23 @@ import math
 import torch
 
 
-def _mask(q_pos, k_pos, causal: bool, device) -> torch.Tensor | None:
-    if not causal:
-        return None
-    return q_pos.to(device).view(-1, 1) >= k_pos.to(device).view(1, -1)  # [sq, sk] True = visible
+def _positions(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
+    """Global token positions on ``device`` (int64, contiguous): ``pos``, or ``0..n-1``."""
+    return (torch.arange(n) if pos is None else pos).to(device=device, dtype=torch.int64).contiguous()
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _positions(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
-    return torch.arange(n, device=device) if pos is None else pos
-
-
 def _scores(qf, kf, causal, q_pos, k_pos, scale):
-    """Scaled scores ``q k^T`` and the visibility mask (None when nothing is masked)."""
+    """Scaled scores ``q k^T`` and the visibility mask ``[sq, sk]`` (None when nothing is masked)."""
     scale = 1.0 / math.sqrt(qf.shape[-1]) if scale is None else scale
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if not causal:
+        return s, None
     dev = qf.device
-    return s, _mask(_positions(qf.shape[-2], q_pos, dev), _positions(kf.shape[-2], k_pos, dev), causal, dev)
+    return s, _positions(qf.shape[-2], q_pos, dev).view(-1, 1) >= _positions(kf.shape[-2], k_pos, dev).view(1, -1)
 
 
 def reference_attention_forward(
@@ -98,10 +95,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
 
 
-def _pos(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
-    return (torch.arange(n) if pos is None else pos).to(device=device, dtype=torch.int64).contiguous()
-
-
 def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
     """The Triton kernel (``gptpar.kernels.attention``): same contract as the reference."""
     import triton
@@ -115,7 +108,7 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     out = torch.empty_like(qf)
     lse = torch.empty(bh, sq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(sq, BLOCK_M), bh)
-    attn_fwd_kernel[grid](qf, kf, vf, out, lse, _pos(sq, q_pos, q.device), _pos(sk, k_pos, q.device), sq, sk, scale,
+    attn_fwd_kernel[grid](qf, kf, vf, out, lse, _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device), sq, sk, scale,
                           CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
     return out.view(q.shape), lse.view(q.shape[:-1])
 
@@ -132,7 +125,7 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     lsef = lse.reshape(bh, sq).contiguous().float()
     delta = (dof.float() * _flat(out).float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-    qp, kp = _pos(sq, q_pos, q.device), _pos(sk, k_pos, q.device)
+    qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     attn_bwd_dkdv_kernel[(triton.cdiv(sk, BLOCK_N), bh)](qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, sq, sk, scale,
                                                           CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
     attn_bwd_dq_kernel[(triton.cdiv(sq, BLOCK_M), bh)](qf, kf, vf, dof, lsef, delta, dq, qp, kp, sq, sk, scale,
@@ -141,7 +134,7 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
 
 
 def _triton(q: torch.Tensor) -> bool:
-    from gptpar.ops.norm import use_triton
+    from gptpar.ops.dispatch import use_triton
 
     d = q.shape[-1]
     return use_triton(q) and d in (16, 32, 64, 128) and q.dtype in (torch.float32, torch.float16, torch.bfloat16)

@@ -61,7 +61,7 @@ class _TritonLinearAct(torch.autograd.Function):
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu"):
     """``act(x @ W^T + b)``; see module docstring."""
-    from gptpar.ops.norm import use_triton
+    from gptpar.ops.dispatch import use_triton
 
     if use_triton(x):
         return _TritonLinearAct.apply(x, weight, bias, activation == "swiglu")

@@ -8,10 +8,10 @@ reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from gptpar.ops.dispatch import use_triton
 
 
 def reference_layer_norm(x, weight, bias, eps: float = 1e-5):
@@ -20,19 +20,6 @@ def reference_layer_norm(x, weight, bias, eps: float = 1e-5):
 
 def reference_rms_norm(x, weight, eps: float = 1e-5):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    forced = os.environ.get("GPTPAR_TRITON")
-    if forced is not None:
-        return forced == "1"
-    if not x.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class _TritonNorm(torch.autograd.Function):

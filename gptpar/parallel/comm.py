@@ -200,6 +200,19 @@ class P2PHandle:
         self.works = []
 
 
+def isend(tensor: torch.Tensor, group: Group, dst: int, tag: int = 0) -> P2PHandle:
+    """Start sending ``tensor`` to group-local rank ``dst``; keep ``tensor`` alive until ``wait()``."""
+    _count("send", _nbytes(tensor))
+    work = dist.isend(tensor, dst=group.ranks[dst], group=group.pg, tag=tag)
+    return P2PHandle([work], f"send to {group.name} rank {dst} (tag {tag})", group)
+
+
+def irecv(buf: torch.Tensor, group: Group, src: int, tag: int = 0) -> P2PHandle:
+    """Start receiving into ``buf`` from group-local rank ``src``; read ``buf`` after ``wait()``."""
+    work = dist.irecv(buf, src=group.ranks[src], group=group.pg, tag=tag)
+    return P2PHandle([work], f"recv from {group.name} rank {src} (tag {tag})", group)
+
+
 def ring_shift(tensor: torch.Tensor, group: Group, tag: int = 0) -> tuple[torch.Tensor, P2PHandle]:
     """Start sending ``tensor`` to the next rank of ``group`` and receiving the previous rank's into a new
     buffer (same shape/dtype). Returns ``(buffer, handle)``: compute on, then ``handle.wait()`` before

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -71,7 +71,14 @@ class Bucket:
     work: object = None
     residual: torch.Tensor | None = None  # error feedback (fp32, scaled units)
     shard: torch.Tensor | None = None  # ZeRO: this rank's reduced slice (fp32)
-    extra: dict = field(default_factory=dict)
+
+    def views(self):
+        """``(param, grad view, param view)`` for each parameter, in bucket order."""
+        off = 0
+        for prm in self.params:
+            k = prm.numel()
+            yield prm, self.grad[off : off + k].view_as(prm), self.param[off : off + k].view_as(prm)
+            off += k
 
 
 def _dp_hierarchy(state: ParallelState, ranks_per_node: int) -> tuple[Group | None, Group | None]:
@@ -177,14 +184,11 @@ class DataParallel:
             off = 0
             for span, n, npad in zip(spans, sizes, padded, strict=True):
                 b = Bucket(len(self.buckets), span, gbuf[off : off + npad], pbuf[off : off + npad], n)
-                inner = 0
-                for prm in span:
-                    k = prm.numel()
-                    pbuf[off + inner : off + inner + k].copy_(prm.detach().reshape(-1))
-                    prm.data = pbuf[off + inner : off + inner + k].view_as(prm)  # parameters live in the buffer
-                    prm.grad = gbuf[off + inner : off + inner + k].view_as(prm)  # autograd accumulates in place
+                for prm, gview, pview in b.views():
+                    pview.copy_(prm.detach())
+                    prm.data = pview  # parameters live in the buffer
+                    prm.grad = gview  # autograd accumulates in place
                     self.bucket_of[id(prm)] = b
-                    inner += k
                 if self.error_feedback:
                     b.residual = torch.zeros(npad, dtype=torch.float32, device=device)
                 self.buckets.append(b)
@@ -222,9 +226,10 @@ class DataParallel:
                 b.grad.mul_(scale)
             if self.shard_grads:
                 b.work = comm.all_to_all_async(b.grad, self.group)  # then a local fp32 sum of the slices
-            elif self.hierarchical:
-                b.extra["hier"] = True
-                b.work = comm.Pending(None, "hierarchical", self.group, b.grad)
+            elif self.hierarchical:  # synchronous: its three collectives chain
+                self._hierarchical_allreduce(b.grad)
+                b.stage = 3
+                return
             else:
                 b.work = comm.all_reduce_async(b.grad, self.group)
             b.stage = 1
@@ -243,10 +248,6 @@ class DataParallel:
     def _stage2(self, b: Bucket) -> None:
         p = self.group.size
         out = b.work.wait()
-        if b.extra.pop("hier", False):  # runs synchronously: its three collectives chain
-            self._hierarchical_allreduce(b.grad)
-            b.stage = 3
-            return
         if self.reduce_dtype == torch.float32 and not self.shard_grads:
             b.stage = 3  # all-reduced in place
             return
@@ -289,21 +290,5 @@ class DataParallel:
         ``zero_grad(set_to_none=True)`` would have detached them)."""
         for b in self.buckets:
             b.grad.zero_()
-            off = 0
-            for prm in b.params:
-                k = prm.numel()
-                prm.grad = b.grad[off : off + k].view_as(prm)
-                off += k
-
-    def traffic_per_step(self) -> int:
-        """Bytes this rank sends per step for its buckets (ring-algorithm accounting, see comm.count_traffic)."""
-        p = self.group.size
-        total = 0
-        for b in self.buckets:
-            n = b.grad.numel()
-            if self.reduce_dtype == torch.float32 and not self.shard_grads:
-                total += int(2 * (p - 1) / p * n * 4)
-            else:
-                es = torch.empty((), dtype=self.reduce_dtype).element_size()
-                total += int((p - 1) / p * n * es) + (0 if self.shard_grads else int((p - 1) / p * n * es))
-        return total
+            for prm, gview, _ in b.views():
+                prm.grad = gview

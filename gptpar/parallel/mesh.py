@@ -306,3 +306,12 @@ def init_parallel(
     if my_rank == 0:
         logger.info("gptpar: initialised %s on %d ranks (%s)", layout, ws, backend)
     return state
+
+
+def shutdown_parallel() -> None:
+    """Leave torch.distributed cleanly: a barrier (nobody tears down connections a peer still uses), then
+    destroy every process group. A no-op when not initialised."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        _STATE_CACHE.clear()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gptpar.errors import GptparConfigError
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import Group
-from gptpar.parallel.wgrad import accumulate_grad, deferred_queue, linear
+from gptpar.parallel.wgrad import deferred_queue, linear, linear_weight_grads, weight_grads_now_or_later
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -278,27 +278,13 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
         gather = _gather_seq_async(x, group, dim)  # the weight gradient needs the full input again
         # (autocast: compute in g's dtype as the forward did; return gradients in the inputs' dtypes)
         grad_x = comm.reduce_scatter(g.matmul(weight.to(g.dtype)), group, dim).to(x.dtype)  # overlaps the gather
+        if deferred_queue() is not None:  # zero-bubble W: complete this gather; W gathers again when it runs
+            gather()
+            full = lambda: _gather_seq_async(x, group, dim)()  # noqa: E731
+        else:
+            full = gather
         params = ctx.params
-
-        def weight_grads(x_full):
-            g2 = g.reshape(-1, g.shape[-1])
-            gw = g2.t().matmul(x_full.reshape(-1, x_full.shape[-1]).to(g.dtype)).to(weight.dtype)
-            return gw, (g2.sum(0).to(params[1].dtype) if params[1] is not None else None)
-
-        queue = deferred_queue()
-        if queue is not None:  # zero-bubble W: re-gather then (same order on every tp rank)
-            gather()  # complete this one; W gathers again when it runs
-
-            @torch.no_grad()
-            def run():
-                gw, gb = weight_grads(_gather_seq_async(x, group, dim)())
-                accumulate_grad(params[0], gw)
-                if gb is not None:
-                    accumulate_grad(params[1], gb)
-
-            queue.append(run)
-            return grad_x, None, None, None, None
-        gw, gb = weight_grads(gather())
+        gw, gb = weight_grads_now_or_later(params, lambda: linear_weight_grads(g, full(), params))
         return grad_x, gw, gb, None, None
 
 
@@ -413,7 +399,7 @@ def vocab_parallel_cross_entropy(
         raise GptparConfigError(
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on leading dims"
         )
-    from gptpar.ops.norm import use_triton  # the one Triton dispatch switch
+    from gptpar.ops.dispatch import use_triton
 
     fn = _TritonVocabParallelCrossEntropy if use_triton(logits) else _VocabParallelCrossEntropy
     flat = fn.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), group, ignore_index)

@@ -44,11 +44,36 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
+def linear_weight_grads(g: torch.Tensor, x: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias gradients of ``y = x W^T + b`` from the output gradient ``g``, computed in ``g``'s
+    dtype (as autocast ran the forward) and returned in the parameters' dtypes."""
+    weight, bias = params
+    g2 = g.reshape(-1, g.shape[-1])
+    gw = g2.t().matmul(x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype)
+    return gw, (g2.sum(0).to(bias.dtype) if bias is not None else None)
+
+
+def weight_grads_now_or_later(params, compute: Callable[[], tuple]) -> tuple:
+    """``compute() -> (gw, gb)`` now, returned to autograd; or, inside :func:`defer_weight_grads`, queued for
+    the schedule's W action (which accumulates into ``.grad``), returning ``(None, None)``."""
+    if _queue is None:
+        return compute()
+
+    @torch.no_grad()
+    def run():
+        gw, gb = compute()
+        accumulate_grad(params[0], gw)
+        if gb is not None:
+            accumulate_grad(params[1], gb)
+
+    _queue.append(run)
+    return None, None
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         ctx.params = (weight, bias)  # the leaves themselves, for deferred accumulation
         return torch.nn.functional.linear(x, weight, bias)
 
@@ -58,26 +83,8 @@ class _Linear(torch.autograd.Function):
         # Under autocast the output (and so g) is low precision while x and W are stored as given:
         # compute in g's dtype, as autocast did forward, and return gradients in the inputs' dtypes.
         grad_x = g.matmul(weight.to(g.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-
-        def weight_grads():
-            g2 = g.reshape(-1, g.shape[-1])
-            gw = g2.t().matmul(x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype)
-            gb = g2.sum(0).to(ctx.params[1].dtype) if ctx.has_bias else None
-            return gw, gb
-
-        if _queue is not None:
-            params = ctx.params
-
-            @torch.no_grad()
-            def run():
-                gw, gb = weight_grads()
-                accumulate_grad(params[0], gw)
-                if gb is not None:
-                    accumulate_grad(params[1], gb)
-
-            _queue.append(run)
-            return grad_x, None, None
-        gw, gb = weight_grads()
+        params = ctx.params
+        gw, gb = weight_grads_now_or_later(params, lambda: linear_weight_grads(g, x, params))
         return grad_x, gw, gb
 
 

@@ -8,6 +8,7 @@ gradients are those of the mean loss over the batch); the optimizer step is the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ class StepStats:
     total_s: float = 0.0
     blocked_s: float = 0.0  # waiting for receives and for sends to complete
     peak_in_flight: int = 0  # microbatches whose activations were held at once
-    peak_activation_bytes: int = 0  # bytes saved for backward, held at once
+    peak_activation_bytes: int = 0  # bytes saved for backward, held at once (with measure_memory)
     events: list = field(default_factory=list)  # (kind, mb, chunk, t0, t1) relative to step start
 
     @property
@@ -58,6 +59,7 @@ class PipelineEngine:
         micro_batches: int = 4,
         negotiate_shapes: bool = False,
         record: bool = False,
+        measure_memory: bool = False,
     ) -> None:
         self.chunks, self.state = chunks, state
         self.p, self.rank, self.v, self.m = state.pp.size, state.pp.rank, len(chunks), micro_batches
@@ -69,6 +71,7 @@ class PipelineEngine:
         self.actions: list[Action] = build(schedule, self.p, micro_batches, self.v)[self.rank]
         self.p2p = StageP2P(state.pp, negotiate_shapes)
         self.record = record
+        self.measure_memory = measure_memory  # a Python hook per saved tensor: off the hot path by default
         self.nvs = self.p * self.v
         self.tied = [t for c in chunks for t in c.tied_parameters()]
         self.has_tied_split = chunks[0].config.tie_embeddings and self.nvs > 1
@@ -106,7 +109,7 @@ class PipelineEngine:
         losses = []
         posted: dict[int, object] = {}
         needs = [i for i, a in enumerate(self.actions) if self._needs_recv(a)]
-        params = {p.data_ptr() for c in self.chunks for p in c.parameters()}
+        params = {p.data_ptr() for c in self.chunks for p in c.parameters()} if self.measure_memory else set()
         t_start = time.perf_counter()
         self.p2p.blocked_s = 0.0
         nxt = 0  # index into `needs` of the next receive not yet posted
@@ -138,7 +141,8 @@ class PipelineEngine:
                         saved[0] += t.numel() * t.element_size()
                     return t
 
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+                with hooks if self.measure_memory else contextlib.nullcontext():
                     if vs == self.nvs - 1:
                         _, loss = chunk(x, mb_tgt[a.mb].to(self.state.device))
                         losses.append(loss.detach())
@@ -244,10 +248,11 @@ def make_pipeline(
     costs: str | list[float] = "params",
     record: bool = False,
     negotiate_shapes: bool = False,
+    measure_memory: bool = False,
     **options,
 ) -> tuple[PipelineEngine, Partition]:
     """Partition ``config`` over the pp group, build this rank's chunks, and return the engine.
     ``options`` go to each chunk's :class:`~gptpar.models.parallel_gpt.ParallelGPT`."""
     part = partition(config, state.pp.size, v if schedule == "interleaved" else 1, costs)
     chunks = build_stage_chunks(config, state, part, **options)
-    return PipelineEngine(chunks, state, schedule, micro_batches, negotiate_shapes, record), part
+    return PipelineEngine(chunks, state, schedule, micro_batches, negotiate_shapes, record, measure_memory), part

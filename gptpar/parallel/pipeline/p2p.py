@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
-from gptpar.parallel.comm import P2PHandle, _count, _nbytes
+from gptpar.parallel import comm
+from gptpar.parallel.comm import P2PHandle
 from gptpar.parallel.mesh import Group
 
 MAX_DIMS = 4
@@ -56,8 +56,7 @@ class StageP2P:
         self.blocked_s = 0.0
 
     def _irecv(self, buf: torch.Tensor, src: int, tag: int) -> P2PHandle:
-        work = dist.irecv(buf, src=self.group.ranks[src], group=self.group.pg, tag=tag)
-        return P2PHandle([work], f"pipeline recv from pp rank {src} (tag {tag})", self.group)
+        return comm.irecv(buf, self.group, src, tag)
 
     def recv(self, src: int, tag: int, shape, dtype, device) -> Recv:
         """Post a receive now; ``.wait()`` returns the tensor."""
@@ -73,9 +72,7 @@ class StageP2P:
         self._isend(tensor, dst, 2 * tag)
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        _count("pipeline_send", _nbytes(tensor))
-        work = dist.isend(tensor, dst=self.group.ranks[dst], group=self.group.pg, tag=tag)
-        self.pending.append((P2PHandle([work], f"pipeline send to pp rank {dst} (tag {tag})", self.group), tensor))
+        self.pending.append((comm.isend(tensor, self.group, dst, tag), tensor))
 
     def wait_sends(self) -> None:
         t0 = time.perf_counter()
