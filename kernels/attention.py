@@ -2,9 +2,16 @@
 
 Shapes: q ``[BH, Sq, D]``, k/v ``[BH, Sk, D]`` (batch and heads flattened, contiguous), positions
 ``qpos [Sq]``, ``kpos [Sk]`` (int64; a key is visible iff ``qpos >= kpos`` when causal). Online softmax in
-fp32; a row that sees no key gets ``out = 0``, ``lse = -inf`` (so ring attention can merge it away).
-Backward recomputes the probabilities from the LSE (FlashAttention-2): one kernel for dK/dV per key block,
-one for dQ per query block, no atomics. Loads are upcast to fp32.
+fp32 (base 2, the scale folded into ``log2(e)``); a row that sees no key gets ``out = 0``, ``lse = -inf``
+(so ring attention can merge it away). Backward recomputes the probabilities from the LSE
+(FlashAttention-2): one kernel for dK/dV per key block, one for dQ per query block, no atomics.
+
+Causal block skipping works for any positions: ``KHi[i]`` is one past the last key row query ``i`` can see
+and ``QLo[j]`` the first query row that sees key ``j`` (host-side, :func:`gptpar.ops.attention`), so a
+program loops only over the blocks that hold visible pairs (a K/V block from a later rank: none at all).
+
+The matmuls run in the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation). ``UPCAST`` loads
+everything as fp32 instead: the Triton interpreter mis-computes bf16.
 """
 
 import triton
@@ -12,45 +19,54 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores(q, k_ptrs, kpos_ptrs, offs_n, qpos, Sk, scale, CAUSAL: tl.constexpr):
-    kmask = offs_n < Sk
-    k = tl.load(k_ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k)) * scale
-    visible = kmask[None, :]
-    if CAUSAL:
-        kpos = tl.load(kpos_ptrs, mask=kmask, other=0)
-        visible = visible & (qpos[:, None] >= kpos[None, :])
-    return tl.where(visible, s, -float("inf")), kmask
+def _load(ptrs, mask, UPCAST: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     qmask = offs_m < Sq
-    q = tl.load(Q + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
-    qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
+    q = _load(Q + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], qmask[:, None], UPCAST)
+    k_base = K + bh * Sk * D + offs_d[None, :]
+    v_base = V + bh * Sk * D + offs_d[None, :]
+    qk_scale = scale * 1.4426950408889634
+    hi = Sk
+    if CAUSAL:
+        qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
+        hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, Sk, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        s, kmask = _scores(q, K + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], KPos + offs_n, offs_n, qpos, Sk,
-                           scale, CAUSAL)  # fmt: skip
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + offs_n0
+        kmask = offs_n < Sk
+        k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = kmask[None, :]
+        if CAUSAL:
+            kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
+            visible = visible & (qpos[:, None] >= kpos[None, :])
+        s = tl.where(visible, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that have seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        v = tl.load(V + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0).to(
-            tl.float32
-        )
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, -float("inf"), m_i * 0.6931471805599453 + tl.log(l_safe))
     tl.store(
         Out + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=qmask[:, None]
     )
@@ -58,70 +74,102 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.con
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.constexpr,
-                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, Sk, scale, CAUSAL: tl.constexpr,
+                         D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):  # fmt: skip
+    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     kmask = offs_n < Sk
-    k = tl.load(K + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-    v = tl.load(V + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-    kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
+    k = _load(K + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], kmask[:, None], UPCAST)
+    v = _load(V + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], kmask[:, None], UPCAST)
+    q_base = Q + bh * Sq * D + offs_d[None, :]
+    do_base = DO + bh * Sq * D + offs_d[None, :]
+    qk_scale = scale * 1.4426950408889634
+    lo = 0
+    if CAUSAL:
+        kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
+        lo = tl.min(tl.load(QLo + offs_n, mask=kmask, other=Sq), axis=0)
+        lo = (lo // BLOCK_M) * BLOCK_M
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    for start in range(0, Sq, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
+    for start in range(lo, Sq, BLOCK_M):
+        offs_m = start + offs_m0
         qmask = offs_m < Sq
-        q = tl.load(Q + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask[:, None], other=0.0).to(
-            tl.float32
-        )
-        do = tl.load(DO + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask[:, None], other=0.0).to(
-            tl.float32
-        )
+        q = _load(q_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
+        do = _load(do_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
         lse = tl.load(LSE + bh * Sq + offs_m, mask=qmask, other=float("inf"))
+        lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
         delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = qmask[:, None] & kmask[None, :]
         if CAUSAL:
             qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
             visible = visible & (qpos[:, None] >= kpos[None, :])
-        lse_safe = tl.where(lse == -float("inf"), float("inf"), lse)  # empty rows: p = 0
-        p = tl.where(visible, tl.exp(s - lse_safe[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p), do)
+        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds), q) * scale
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * scale
     tl.store(DK + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(DV + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, Sq, Sk, scale, CAUSAL: tl.constexpr,
-                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: tl.constexpr,
+                       D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):  # fmt: skip
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     qmask = offs_m < Sq
-    q = tl.load(Q + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask[:, None], other=0.0).to(
-        tl.float32
-    )
+    q = _load(Q + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], qmask[:, None], UPCAST)
+    do = _load(DO + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], qmask[:, None], UPCAST)
+    k_base = K + bh * Sk * D + offs_d[None, :]
+    v_base = V + bh * Sk * D + offs_d[None, :]
     lse = tl.load(LSE + bh * Sq + offs_m, mask=qmask, other=float("inf"))
-    lse_safe = tl.where(lse == -float("inf"), float("inf"), lse)
+    lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)
-    qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
+    qk_scale = scale * 1.4426950408889634
+    hi = Sk
+    if CAUSAL:
+        qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
+        hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, Sk, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        s, kmask = _scores(q, K + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], KPos + offs_n, offs_n, qpos, Sk,
-                           scale, CAUSAL)  # fmt: skip
-        p = tl.where(qmask[:, None], tl.exp(s - lse_safe[:, None]), 0.0)
-        v = tl.load(V + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0).to(
-            tl.float32
-        )
-        k = tl.load(K + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0).to(
-            tl.float32
-        )
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + offs_n0
+        kmask = offs_n < Sk
+        k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
+        v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = qmask[:, None] & kmask[None, :]
+        if CAUSAL:
+            kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
+            visible = visible & (qpos[:, None] >= kpos[None, :])
+        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds, k) * scale
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * scale
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask[:, None])
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# GPU launches pick their block sizes by autotuning (per sequence lengths, head dim and causality); the
+# interpreter (tests) calls the plain kernels with fixed small blocks.
+_KEY = ["Sq", "Sk", "D", "CAUSAL"]
+attn_fwd = triton.autotune(
+    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]),
+    key=_KEY,
+)(attn_fwd_kernel)
+attn_bwd_dkdv = triton.autotune(
+    _configs([(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 128, 4, 2)]), key=_KEY
+)(attn_bwd_dkdv_kernel)
+attn_bwd_dq = triton.autotune(
+    _configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (128, 64, 4, 2)]), key=_KEY
+)(attn_bwd_dq_kernel)

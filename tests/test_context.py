@@ -180,6 +180,8 @@ def _saved_bytes(layout, options, where):
                 m.register_forward_hook(enter)
 
     def pack(t):
+        if where == "column" and (t.dim() == 0 or t.shape[-1] != config.d_model):  # inputs, not the pre-activation
+            return t
         if inside[0] > 0 and t.data_ptr() not in params:
             total[0] += t.numel() * t.element_size()
         return t

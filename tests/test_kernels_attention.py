@@ -12,13 +12,20 @@ from gptpar.ops.attention import (reference_attention_backward, reference_attent
                                   triton_attention_backward, triton_attention_forward)
 
 torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 3e-2)):
+zigzag = torch.cat([torch.arange(8, 16), torch.arange(48, 56)])  # a zig-zag cp shard's positions
+shuffled = torch.randperm(45)  # any order: the causal block bounds must still be exact
+CASES = [  # ragged lengths (masked tails), a key block from "another rank" (offsets), fully masked rows
+    (torch.arange(40), torch.arange(40)), (torch.arange(20, 53), torch.arange(50)), (torch.arange(16), torch.arange(30, 54)),
+    (torch.arange(5, 75), torch.arange(60, 69)), (zigzag, torch.arange(64)), (torch.arange(64), zigzag),
+    (shuffled, shuffled[torch.randperm(45)]),
+]
+# bf16 runs with the UPCAST loads (the interpreter mis-computes bf16 tensor arithmetic)
+for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 3e-2), (torch.bfloat16, 6e-2)):
     for d in (32, 64):
         for causal in (True, False):
-            # ragged lengths (masked tails), a key block from "another rank" (offsets), fully masked rows
-            for sq, sk, qo, ko in ((40, 40, 0, 0), (33, 50, 20, 0), (16, 24, 0, 30), (70, 9, 5, 60)):
+            for qp, kp in CASES:
+                sq, sk = len(qp), len(kp)
                 q, k, v = (torch.randn(2, 3, n, d).to(dtype) for n in (sq, sk, sk))
-                qp, kp = torch.arange(qo, qo + sq), torch.arange(ko, ko + sk)
                 o, lse = triton_attention_forward(q, k, v, causal, qp, kp)
                 ro, rlse = reference_attention_forward(q, k, v, causal, qp, kp)
                 assert o.dtype == dtype and torch.equal(torch.isinf(lse), torch.isinf(rlse))

@@ -7,10 +7,11 @@ import sys
 
 CHECK = r"""
 import torch
-from gptpar.ops.mlp import linear_act, reference_linear_act
+from gptpar.ops.mlp import act_backward, apply_activation, linear_act, reference_act_backward, reference_linear_act
 
 torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2)):
+# fp16 and fp32 through the tensor-core path (matmuls in the input dtype); bf16 through the UPCAST loads
+for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 6e-2)):
     for act in ("gelu", "swiglu"):
         for m, k, f, bias in ((37, 48, 40, True), (5, 64, 96, False), (70, 33, 17, True)):  # ragged tiles
             out_f = 2 * f if act == "swiglu" else f
@@ -29,6 +30,17 @@ for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2)):
             want = [ry, x.grad, w.grad] + ([b.grad] if bias else [])
             for g, r in zip(got, want):
                 torch.testing.assert_close(g, r.float(), rtol=tol, atol=tol * 5)
+            # the activation gradient alone (the fused backward's first kernel) against its torch formula
+            pre = torch.randn(m, out_f).to(dtype)
+            assert torch.equal(act_backward(pre, dy, act).float(), act_backward(pre, dy, act).float())
+            torch.testing.assert_close(act_backward(pre, dy, act).float(), reference_act_backward(pre.float(), dy.float(), act),
+                                       rtol=tol, atol=tol)
+# the reference formula for the activation gradient is autograd's
+for act in ("gelu", "swiglu"):
+    pre = torch.randn(9, 14 if act == "swiglu" else 7, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(9, 7, dtype=torch.float64)
+    apply_activation(pre, act).backward(dy)
+    torch.testing.assert_close(reference_act_backward(pre.detach(), dy, act), pre.grad)
 print("ok")
 """
 

@@ -28,3 +28,19 @@ def test_positions_mask_a_block_from_elsewhere_and_empty_rows_are_zero():
     assert torch.all(out[..., :2, :] == 0) and torch.all(torch.isinf(lse[..., :2]))
     want = F.scaled_dot_product_attention(q[..., 2:, :], k[..., :2, :], v[..., :2, :], is_causal=True)
     torch.testing.assert_close(out[..., 2:, :], want)
+
+
+def test_causal_bounds_are_exact_for_any_position_order():
+    from gptpar.ops.attention import causal_bounds
+
+    torch.manual_seed(0)
+    zigzag = torch.cat([torch.arange(8, 16), torch.arange(48, 56)])
+    for qp, kp in ((torch.arange(40), torch.arange(40)), (zigzag, torch.arange(64)), (torch.arange(64), zigzag),
+                   (torch.arange(16), torch.arange(30, 54)), (torch.randperm(50), torch.randperm(37))):  # fmt: skip
+        khi, qlo = causal_bounds(qp, kp)
+        visible = qp[:, None] >= kp[None, :]
+        idx = torch.arange(len(kp))
+        want_khi = torch.where(visible, idx + 1, 0).amax(1)  # one past the last visible key, 0 if none
+        want_qlo = torch.where(visible, torch.arange(len(qp))[:, None], len(qp)).amin(0)
+        assert torch.equal(khi.long(), want_khi) and torch.equal(qlo.long(), want_qlo)
+        assert khi.dtype == qlo.dtype == torch.int32

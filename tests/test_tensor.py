@@ -1,5 +1,7 @@
 """Each tensor-parallel layer alone against its torch counterpart, forward and backward, on 2 and 4 ranks."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -159,11 +161,50 @@ def test_single_rank_layers_equal_torch():
     assert torch.equal(col(x), ref(x))
 
 
+def _column_activation(tp):
+    """The fused-activation column-parallel linear (plain and sequence parallel, weight grads now or
+    deferred to a zero-bubble W step) against nn.Linear + the activation."""
+    from gptpar.ops.mlp import apply_activation
+    from gptpar.parallel.wgrad import defer_weight_grads
+
+    g = init_parallel(ParallelLayout(tp=tp)).tp
+    for act, sp, defer in [(a, s, d) for a in ("gelu", "swiglu") for s in (False, True) for d in (False, True)]:
+        chunks, f = (2, 12) if act == "swiglu" else (1, 24)
+        torch.manual_seed(0)
+        ref = nn.Linear(16, chunks * f)
+        torch.manual_seed(0)
+        col = ColumnParallelLinear(16, chunks * f, group=g, chunks=chunks, sequence_parallel=sp, activation=act)
+        torch.manual_seed(1)
+        x, dy = torch.randn(4, 3, 16), torch.randn(4, 3, f)
+        xr = x.clone().requires_grad_()
+        yr = apply_activation(ref(xr), act)
+        (yr * dy).sum().backward()
+        xp = (x.chunk(tp)[g.rank] if sp else x).clone().requires_grad_()
+        yp = col(xp)
+        queue = []
+        with defer_weight_grads(queue) if defer else contextlib.nullcontext():
+            (yp * dy.chunk(tp, dim=-1)[g.rank]).sum().backward()
+        assert (col.weight.grad is None) == defer and len(queue) == int(defer)
+        for w_step in queue:
+            w_step()
+        _close(yp, yr.chunk(tp, dim=-1)[g.rank])
+        _close(xp.grad, xr.grad.chunk(tp)[g.rank] if sp else xr.grad)
+        _close(col.weight.grad, shard_tensor(ref.weight.grad, 0, chunks, tp, g.rank))
+        _close(col.bias.grad, shard_tensor(ref.bias.grad, 0, chunks, tp, g.rank))
+    return True
+
+
+def test_column_parallel_linear_with_fused_activation():
+    assert all(run_distributed(_column_activation, 2, 2))
+
+
 def _bad_split():
     st = init_parallel(ParallelLayout(tp=2))
     errors = []
     for make in (
         lambda: ColumnParallelLinear(8, 9, group=st.tp),
+        lambda: ColumnParallelLinear(8, 8, group=st.tp, activation="relu"),
+        lambda: ColumnParallelLinear(8, 8, group=st.tp, activation="swiglu"),
         lambda: RowParallelLinear(9, 8, group=st.tp),
         lambda: VocabParallelEmbedding(33, 8, group=st.tp),
     ):
@@ -178,6 +219,8 @@ def test_bad_splits_fail_at_construction():
     errors = run_distributed(_bad_split, 2)[0]
     assert errors == [
         "out_features=9 (in 1 block(s)) is not divisible by the 'tp' group size 2: each block's rows are split across tp",
+        "activation='relu' is unknown; expected one of ('gelu', 'swiglu')",
+        "activation='swiglu' needs the gate|up blocks: chunks=2, got chunks=1",
         "in_features=9 is not divisible by the 'tp' group size 2",
         "num_embeddings (vocab size)=33 is not divisible by the 'tp' group size 2",
     ]

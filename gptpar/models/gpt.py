@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
+from gptpar.ops.mlp import ACTIVATIONS, apply_activation
 
-ACTIVATIONS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 
 
@@ -128,10 +128,7 @@ def make_norm(config: GPTConfig, device=None, dtype=None, fused: bool = False) -
 
 def mlp_activation(config: GPTConfig, h: torch.Tensor) -> torch.Tensor:
     """The MLP nonlinearity on the fc output (``[..., f]``, or ``[..., 2f]`` = gate|up for SwiGLU)."""
-    if config.activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h, approximate="tanh")
+    return apply_activation(h, config.activation)
 
 
 class CausalSelfAttention(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from gptpar.errors import GptparConfigError
-from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm, mlp_activation
+from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm
 from gptpar.parallel import comm
 from gptpar.parallel.context import SeqShard, ring_attention, seq_shards, ulysses_attention
 from gptpar.parallel.mesh import Group, ParallelState
@@ -99,8 +99,14 @@ class ParallelMLP(nn.Module):
         swiglu = config.activation == "swiglu"
         fc_out = 2 * config.ffn_hidden if swiglu else config.ffn_hidden
         sp = sequence_parallel
-        self.fc = ColumnParallelLinear(
-            config.d_model, fc_out, bias=config.bias, group=group, chunks=2 if swiglu else 1, sequence_parallel=sp
+        self.fc = ColumnParallelLinear(  # activation fused into the GEMM (gptpar.ops.mlp)
+            config.d_model,
+            fc_out,
+            bias=config.bias,
+            group=group,
+            chunks=2 if swiglu else 1,
+            sequence_parallel=sp,
+            activation=config.activation,
         )
         self.proj = RowParallelLinear(
             config.ffn_hidden, config.d_model, bias=config.bias, group=group, sequence_parallel=sp
@@ -108,7 +114,7 @@ class ParallelMLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(mlp_activation(self.config, self.fc(x))))
+        return self.drop(self.proj(self.fc(x)))
 
 
 class ParallelBlock(nn.Module):

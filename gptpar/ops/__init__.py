@@ -12,11 +12,16 @@ from gptpar.ops.grad import (
     unpack_accumulate,
     unscale_check_,
 )
+from gptpar.ops.mlp import act_backward, linear_act, linear_act_forward, reference_linear_act
 from gptpar.ops.norm import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
 
 __all__ = [
+    "act_backward",
     "adamw_step_",
     "attention",
+    "linear_act",
+    "linear_act_forward",
+    "reference_linear_act",
     "layer_norm",
     "rms_norm",
     "reference_layer_norm",

@@ -14,6 +14,7 @@ so each block's gradient is exact without storing any probabilities:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -88,18 +89,43 @@ def reference_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-BLOCK_M, BLOCK_N = 32, 32
+INTERPRETER_BLOCK = 32  # block sizes under TRITON_INTERPRET (on GPUs they are autotuned)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
 
 
+def causal_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For causal masking by positions (any order): ``khi[i]``, one past the last key index query ``i``
+    sees, and ``qlo[j]``, the first query index that sees key ``j`` (int32). The kernels loop only over
+    blocks in these ranges. Computed on the device without a host sync, via the suffix-minimum of the key
+    positions and the prefix-maximum of the query positions (both sorted, so binary-searchable)."""
+    suffix_min = k_pos.flip(0).cummin(0).values.flip(0)
+    khi = torch.searchsorted(suffix_min, q_pos, right=True).to(torch.int32)
+    prefix_max = q_pos.cummax(0).values
+    qlo = torch.searchsorted(prefix_max, k_pos).to(torch.int32)
+    return khi, qlo
+
+
+def _launch(autotuned, kernel, grid_of, *args, **consts):
+    """The autotuned kernel on a GPU; the plain kernel with fixed blocks under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        meta = {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK}
+        kernel[grid_of(meta)](*args, **consts, **meta)
+    else:
+        autotuned[grid_of](*args, **consts)
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
     """The Triton kernel (``gptpar.kernels.attention``): same contract as the reference."""
     import triton
 
-    from gptpar.kernels.attention import attn_fwd_kernel
+    from gptpar.kernels import attention as kern
 
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -107,16 +133,17 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     bh, sq, sk = qf.shape[0], qf.shape[1], kf.shape[1]
     out = torch.empty_like(qf)
     lse = torch.empty(bh, sq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(sq, BLOCK_M), bh)
-    attn_fwd_kernel[grid](qf, kf, vf, out, lse, _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device), sq, sk, scale,
-                          CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
+    qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
+    khi = causal_bounds(qp, kp)[0] if causal else qp
+    _launch(kern.attn_fwd, kern.attn_fwd_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
+            qf, kf, vf, out, lse, qp, kp, khi, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=_upcast(q))  # fmt: skip
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
 def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None):
     import triton
 
-    from gptpar.kernels.attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+    from gptpar.kernels import attention as kern
 
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -126,10 +153,12 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     delta = (dof.float() * _flat(out).float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
-    attn_bwd_dkdv_kernel[(triton.cdiv(sk, BLOCK_N), bh)](qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, sq, sk, scale,
-                                                          CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
-    attn_bwd_dq_kernel[(triton.cdiv(sq, BLOCK_M), bh)](qf, kf, vf, dof, lsef, delta, dq, qp, kp, sq, sk, scale,
-                                                        CAUSAL=causal, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
+    khi, qlo = causal_bounds(qp, kp) if causal else (qp, kp)
+    consts = {"CAUSAL": causal, "D": d, "UPCAST": _upcast(q)}
+    _launch(kern.attn_bwd_dkdv, kern.attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bh),
+            qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, sq, sk, scale, **consts)  # fmt: skip
+    _launch(kern.attn_bwd_dq, kern.attn_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
+            qf, kf, vf, dof, lsef, delta, dq, qp, kp, khi, sq, sk, scale, **consts)  # fmt: skip
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 

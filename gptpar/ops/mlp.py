@@ -1,68 +1,126 @@
 """Fused column-parallel MLP half: ``act(x @ W^T + b)`` (GeLU-tanh, or SwiGLU over gate|up blocks).
 
-Triton (``gptpar.kernels.mlp``) for CUDA tensors or ``GPTPAR_TRITON=1``: the bias and activation run in the
-GEMM's epilogue, and backward fuses the activation gradient into one elementwise kernel before the two
-weight/input GEMMs. The reference is plain torch.
+Two halves, each with a Triton kernel (``gptpar.kernels.mlp``, for CUDA tensors or ``GPTPAR_TRITON=1``)
+and a torch reference:
+
+* :func:`linear_act_forward` — the GEMM with bias and activation in its epilogue; returns the output and
+  the pre-activation (kept for backward, as eager keeps it).
+* :func:`act_backward` — the activation's gradient in one elementwise kernel (fp32 math), which the
+  linear's backward then feeds to its input- and weight-gradient GEMMs.
+
+:func:`linear_act` is the differentiable op; it is the deferrable-weight-gradient linear of
+:mod:`gptpar.parallel.wgrad` with an activation, so zero-bubble pipelines split its backward too.
+Under autocast the Triton path runs in the autocast dtype, as ``F.linear`` would.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 
+from gptpar.errors import GptparConfigError
 
-def reference_linear_act(x, weight, bias, activation: str = "gelu"):
-    h = F.linear(x, weight, bias)
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise GptparConfigError(f"activation={activation!r} is unknown; expected one of {ACTIVATIONS}")
+
+
+def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation alone (reference): GeLU-tanh, or ``silu(gate) * up`` over ``h = gate|up``."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
     return F.gelu(h, approximate="tanh")
 
 
-class _TritonLinearAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, swiglu):
-        import triton
+def reference_linear_act(x, weight, bias, activation: str = "gelu"):
+    return apply_activation(F.linear(x, weight, bias), activation)
 
-        from gptpar.kernels.mlp import mlp_fwd_kernel
 
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        m, k = x2.shape
-        f = weight.shape[0] // (2 if swiglu else 1)
-        pre = torch.empty(m, weight.shape[0], dtype=torch.float32, device=x.device)
-        y = torch.empty(m, f, dtype=x.dtype, device=x.device)
-        bm, bn, bk = 32, 32, 32
-        mlp_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(f, bn))](
-            x2, weight.contiguous(), bias if bias is not None else weight, pre, y, m, f, k, HAS_B=bias is not None,
-            SWIGLU=swiglu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        )  # fmt: skip
-        ctx.save_for_backward(x2, weight, pre)
-        ctx.swiglu, ctx.has_bias, ctx.shape, ctx.f = swiglu, bias is not None, shape, f
-        return y.view(*shape[:-1], f)
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
-    @staticmethod
-    def backward(ctx, dy):
-        import triton
 
-        from gptpar.kernels.mlp import mlp_act_bwd_kernel
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
-        x2, weight, pre = ctx.saved_tensors
-        m, f = x2.shape[0], ctx.f
-        dy2 = dy.reshape(m, f).contiguous()
-        dpre = torch.empty_like(pre)
-        block = 1024
-        mlp_act_bwd_kernel[(triton.cdiv(m * f, block),)](pre, dy2, dpre, m, f, SWIGLU=ctx.swiglu, BLOCK=block)
-        dx = (dpre @ weight.float()).to(x2.dtype).view(*ctx.shape)
-        dw = (dpre.t() @ x2.float()).to(weight.dtype)
-        db = dpre.sum(0).to(weight.dtype) if ctx.has_bias else None
-        return dx, dw, db, None
+
+def linear_act_forward(x, weight, bias, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(act(x W^T + b), x W^T + b)`` without autograd; Triton or reference by :func:`use_triton`."""
+    from gptpar.ops.dispatch import use_triton
+
+    if not use_triton(x):
+        pre = F.linear(x, weight, bias)
+        return apply_activation(pre, activation), pre
+    import triton
+
+    from gptpar.kernels import mlp as kern
+
+    dt = _compute_dtype(x)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(dt).contiguous()
+    w = weight.to(dt).contiguous()
+    m, k = x2.shape
+    swiglu = activation == "swiglu"
+    f = w.shape[0] // 2 if swiglu else w.shape[0]
+    pre = torch.empty(m, w.shape[0], dtype=dt, device=x.device)
+    y = torch.empty(m, f, dtype=dt, device=x.device)
+    args = (x2, w, bias if bias is not None else w, pre, y, m, f, k)
+    consts = {"HAS_B": bias is not None, "SWIGLU": swiglu, "UPCAST": dt == torch.bfloat16 and _interpreting()}
+    if _interpreting():
+        blocks = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+        kern.mlp_fwd_kernel[(triton.cdiv(m, 32) * triton.cdiv(f, 32),)](*args, **consts, **blocks)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(f, meta["BLOCK_N"]),)  # noqa: E731
+        kern.mlp_fwd[grid](*args, **consts)
+    return y.view(*shape[:-1], f), pre.view(*shape[:-1], w.shape[0])
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def reference_act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.Tensor:
+    acc = torch.promote_types(pre.dtype, torch.float32)
+    p, g = pre.to(acc), dy.to(acc)
+    if activation == "swiglu":
+        gate, up = p.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        return torch.cat([g * up * sig * (1 + gate * (1 - sig)), g * gate * sig], dim=-1).to(pre.dtype)
+    t = torch.tanh(_SQRT_2_OVER_PI * (p + 0.044715 * p**3))
+    return (g * (0.5 * (1 + t) + 0.5 * p * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * p * p))).to(pre.dtype)
+
+
+def act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.Tensor:
+    """Gradient w.r.t. the pre-activation ``pre`` (``[..., F]``, or ``[..., 2F]`` for SwiGLU) from ``dy``
+    (``[..., F]``), in ``pre``'s dtype, computed in fp32."""
+    from gptpar.ops.dispatch import use_triton
+
+    if not use_triton(pre):
+        return reference_act_backward(pre, dy, activation)
+    import triton
+
+    from gptpar.kernels.mlp import mlp_act_bwd_kernel
+
+    f = dy.shape[-1]
+    m = dy.numel() // f
+    pre_c, dy_c = pre.contiguous(), dy.contiguous()
+    dpre = torch.empty_like(pre_c)
+    block = 1024
+    mlp_act_bwd_kernel[(triton.cdiv(m * f, block),)](pre_c, dy_c, dpre, m, f, SWIGLU=activation == "swiglu",
+                                                     BLOCK=block)  # fmt: skip
+    return dpre
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu"):
-    """``act(x @ W^T + b)``; see module docstring."""
-    from gptpar.ops.dispatch import use_triton
+    """``act(x @ W^T + b)``, differentiable; see module docstring."""
+    from gptpar.parallel.wgrad import linear
 
-    if use_triton(x):
-        return _TritonLinearAct.apply(x, weight, bias, activation == "swiglu")
-    return reference_linear_act(x, weight, bias, activation)
+    check_activation(activation)
+    return linear(x, weight, bias, activation)

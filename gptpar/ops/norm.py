@@ -22,6 +22,11 @@ def reference_rms_norm(x, weight, eps: float = 1e-5):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def _warps(block: int) -> int:
+    """Warps per row program: one per 256 elements of the row block, 1 to 8 (as Triton's LayerNorm tutorial)."""
+    return min(max(block // 256, 1), 8)
+
+
 class _TritonNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms):
@@ -37,7 +42,7 @@ class _TritonNorm(torch.autograd.Function):
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n)
         norm_fwd_kernel[(m,)](x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0), n, eps,
-                              RMS=rms, HAS_B=bias is not None, BLOCK=block)  # fmt: skip
+                              RMS=rms, HAS_B=bias is not None, BLOCK=block, num_warps=_warps(block))  # fmt: skip
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.shape, ctx.block = rms, bias is not None, shape, block
         return y.view(shape)
@@ -50,12 +55,12 @@ class _TritonNorm(torch.autograd.Function):
         m, n = x2.shape
         dy2 = dy.reshape(-1, n).contiguous()
         dx = torch.empty_like(x2)
-        rows = 8 if m >= 64 else 1
+        rows = -(-m // 512)  # at most 512 programs, each summing its rows' dW/dB in registers
         groups = -(-m // rows)
         dw = torch.empty(groups, n, dtype=torch.float32, device=x2.device)
         db = torch.empty(groups, n, dtype=torch.float32, device=x2.device)
         norm_bwd_kernel[(groups,)](x2, weight, dy2, dx, mean, rstd, dw, db, x2.stride(0), m, n, ROWS=rows, RMS=ctx.rms,
-                                   BLOCK=ctx.block)  # fmt: skip
+                                   BLOCK=ctx.block, num_warps=_warps(ctx.block))  # fmt: skip
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
         return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), dbias, None, None
 

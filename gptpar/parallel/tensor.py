@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
+from gptpar.ops.mlp import act_backward, check_activation, linear_act_forward
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import Group
 from gptpar.parallel.wgrad import deferred_queue, linear, linear_weight_grads, weight_grads_now_or_later
@@ -73,6 +74,9 @@ class ColumnParallelLinear(nn.Module):
     Megatron's ``[s, b, h]``, 1 for batch-first models).
     ``chunks``: the output holds that many logical blocks (fused q/k/v = 3, fused gate/up = 2), each split
     separately across tp.
+    ``activation``: ``"gelu"`` (tanh) or ``"swiglu"`` (over the gate|up blocks, ``chunks=2``; the output is
+    half as wide) applied in the GEMM's epilogue (:mod:`gptpar.ops.mlp`, fused Triton kernel on GPUs) and
+    differentiated at the start of its backward.
     """
 
     def __init__(
@@ -86,10 +90,15 @@ class ColumnParallelLinear(nn.Module):
         chunks: int = 1,
         sequence_parallel: bool = False,
         seq_dim: int = 0,
+        activation: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if activation is not None:
+            check_activation(activation)
+            if activation == "swiglu" and chunks != 2:
+                raise GptparConfigError(f"activation='swiglu' needs the gate|up blocks: chunks=2, got chunks={chunks}")
         if sequence_parallel and gather_output:
             raise GptparConfigError("ColumnParallelLinear: gather_output and sequence_parallel cannot be combined")
         if out_features % chunks:
@@ -102,6 +111,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group, self.gather_output, self.chunks = group, gather_output, chunks
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        self.activation = activation
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features // group.size, in_features, **factory))
         set_tp_spec(self.weight, 0, chunks)
@@ -122,10 +132,12 @@ class ColumnParallelLinear(nn.Module):
         if self.sequence_parallel and self.group.size > 1:
             # [s/tp, b, in] all-gathered to [s, b, in] inside the linear, which keeps only the shard for
             # backward (re-gathered there, overlapped with the input-gradient GEMM), as Megatron does.
-            y = _SequenceParallelColumnLinear.apply(x, self.weight, self.bias, self.group, self.seq_dim)
+            y = _SequenceParallelColumnLinear.apply(
+                x, self.weight, self.bias, self.group, self.seq_dim, self.activation
+            )
         else:
             x = comm.copy_to_region(x, self.group)
-            y = linear(x, self.weight, self.bias)
+            y = linear(x, self.weight, self.bias, self.activation)
         if self.gather_output:
             if self.chunks != 1:
                 raise GptparConfigError(
@@ -138,6 +150,7 @@ class ColumnParallelLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features} (local {self.weight.shape[0]}), "
             f"bias={self.bias is not None}, gather_output={self.gather_output}, chunks={self.chunks}"
+            + (f", activation={self.activation}" if self.activation else "")
         )
 
 
@@ -263,17 +276,26 @@ def _gather_seq_async(x: torch.Tensor, group: Group, dim: int):
 
 
 class _SequenceParallelColumnLinear(torch.autograd.Function):
-    """``linear(all_gather_seq(x), W, b)`` saving only the sequence shard ``x`` (1/tp of the input)."""
+    """``act(linear(all_gather_seq(x), W, b))`` saving only the sequence shard ``x`` (1/tp of the input)
+    (and, with an activation, the pre-activation, as :func:`gptpar.parallel.wgrad.linear` does)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, dim):
-        ctx.save_for_backward(x, weight)
-        ctx.group, ctx.dim, ctx.params = group, dim, (weight, bias)
-        return F.linear(comm.all_gather(x, group, dim), weight, bias)
+    def forward(ctx, x, weight, bias, group, dim, activation):
+        ctx.group, ctx.dim, ctx.params, ctx.activation = group, dim, (weight, bias), activation
+        full = comm.all_gather(x, group, dim)
+        if activation is None:
+            ctx.save_for_backward(x, weight)
+            return F.linear(full, weight, bias)
+        y, pre = linear_act_forward(full, weight, bias, activation)
+        ctx.save_for_backward(x, weight, pre)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
+        saved = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
+        x, weight = saved[:2]
+        if ctx.activation is not None:
+            g = act_backward(saved[2], g, ctx.activation)
         group, dim = ctx.group, ctx.dim
         gather = _gather_seq_async(x, group, dim)  # the weight gradient needs the full input again
         # (autocast: compute in g's dtype as the forward did; return gradients in the inputs' dtypes)
@@ -285,7 +307,7 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
             full = gather
         params = ctx.params
         gw, gb = weight_grads_now_or_later(params, lambda: linear_weight_grads(g, full(), params))
-        return grad_x, gw, gb, None, None
+        return grad_x, gw, gb, None, None, None
 
 
 def mark_sequence_parallel(param: torch.Tensor, group: Group) -> torch.Tensor:

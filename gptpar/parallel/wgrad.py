@@ -71,25 +71,47 @@ def weight_grads_now_or_later(params, compute: Callable[[], tuple]) -> tuple:
 
 
 class _Linear(torch.autograd.Function):
+    """``act(x W^T + b)`` (``activation`` None: no activation). With an activation the forward is the fused
+    GEMM + epilogue of :mod:`gptpar.ops.mlp` and the backward starts with its fused activation gradient."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, activation):
         ctx.params = (weight, bias)  # the leaves themselves, for deferred accumulation
-        return torch.nn.functional.linear(x, weight, bias)
+        ctx.activation = activation
+        if activation is None:
+            ctx.save_for_backward(x, weight)
+            return torch.nn.functional.linear(x, weight, bias)
+        from gptpar.ops.mlp import linear_act_forward
+
+        y, pre = linear_act_forward(x, weight, bias, activation)
+        ctx.save_for_backward(x, weight, pre)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
+        saved = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
+        x, weight = saved[:2]
+        if ctx.activation is not None:
+            from gptpar.ops.mlp import act_backward
+
+            g = act_backward(saved[2], g, ctx.activation)
         # Under autocast the output (and so g) is low precision while x and W are stored as given:
         # compute in g's dtype, as autocast did forward, and return gradients in the inputs' dtypes.
         grad_x = g.matmul(weight.to(g.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         params = ctx.params
         gw, gb = weight_grads_now_or_later(params, lambda: linear_weight_grads(g, x, params))
-        return grad_x, gw, gb
+        return grad_x, gw, gb, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with a deferrable weight gradient (see module docstring)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """``F.linear`` (then ``activation``, fused: see :mod:`gptpar.ops.mlp`) with a deferrable weight
+    gradient (see module docstring)."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
-        return torch.nn.functional.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
+        if activation is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        from gptpar.ops.mlp import linear_act_forward
+
+        return linear_act_forward(x, weight, bias, activation)[0]
+    return _Linear.apply(x, weight, bias, activation)
