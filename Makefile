@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps
 EXT_SRCS := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench gpu install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: install
 	$(PY) bench/data_parallel.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/context_parallel.py
+
+# On a GPU machine (no internet; its own torch + triton): build the extension with CUDA into that Python,
+# run the GPU-only tests, then the kernel suite (writes bench/results/gpu_suite.json).
+GPU_PY ?= python3
+gpu:
+	$(GPU_PY) -m pip install --no-build-isolation --no-deps -e .
+	$(GPU_PY) -m pytest -q tests/test_kernels_gpu.py tests/test_ops_grad_cuda.py tests/test_kernels_compile.py
+	$(GPU_PY) bench/gpu_suite.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info gptpar/_C*.so

@@ -53,6 +53,11 @@ if __name__ == "__main__":
     for layout in (ParallelLayout(cp=2), ParallelLayout(tp=2)):
         res = run_distributed(train_parallel, layout.world_size, config, layout, 1, {"cp_impl": "ring"}, timeout=600)
         assert_matches_reference(res, ref, f"triton {layout}", tol=dict(rtol=1e-4, atol=1e-5))
+    # SwiGLU and RMSNorm, sequence parallel: the fused GEMM + SwiGLU inside the sequence-parallel column linear
+    config = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=64, activation="swiglu", norm="rmsnorm")
+    ref = train_reference(config, steps=1)
+    res = run_distributed(train_parallel, 2, config, ParallelLayout(tp=2), 1, {"sequence_parallel": True}, timeout=600)
+    assert_matches_reference(res, ref, "triton tp=2 sp swiglu", tol=dict(rtol=1e-4, atol=1e-5))
     print("model ok")
 """
 
