@@ -11,7 +11,8 @@ and ``QLo[j]`` the first query row that sees key ``j`` (host-side, :func:`gptpar
 program loops only over the blocks that hold visible pairs (a K/V block from a later rank: none at all).
 
 The matmuls run in the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation). ``UPCAST`` loads
-everything as fp32 instead: the Triton interpreter mis-computes bf16.
+everything as fp32 instead: the Triton interpreter mis-computes bf16. ``PREC`` is ``tl.dot``'s
+``input_precision`` for fp32 operands: ``"ieee"`` unless torch allows TF32 matmuls.
 """
 
 import triton
@@ -28,7 +29,7 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
 
 @triton.jit
 def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -49,7 +50,7 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: t
         offs_n = start + offs_n0
         kmask = offs_n < Sk
         k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         visible = kmask[None, :]
         if CAUSAL:
             kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
@@ -60,7 +61,7 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: t
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     empty = l_i == 0.0
@@ -75,7 +76,7 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: t
 
 @triton.jit
 def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, Sk, scale, CAUSAL: tl.constexpr,
-                         D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):  # fmt: skip
     pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,16 +103,16 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, S
         lse = tl.load(LSE + bh * Sq + offs_m, mask=qmask, other=float("inf"))
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
         delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         visible = qmask[:, None] & kmask[None, :]
         if CAUSAL:
             qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
             visible = visible & (qpos[:, None] >= kpos[None, :])
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
     tl.store(DK + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(DV + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
@@ -119,7 +120,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, S
 
 @triton.jit
 def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: tl.constexpr,
-                       D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                       D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,14 +145,14 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, Sq, Sk, sca
         kmask = offs_n < Sk
         k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
         v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         visible = qmask[:, None] & kmask[None, :]
         if CAUSAL:
             kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
             visible = visible & (qpos[:, None] >= kpos[None, :])
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * scale
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask[:, None])
 

@@ -5,7 +5,8 @@ SwiGLU: ``W`` holds the gate and up blocks (``[2f, h]``, gate first); one K loop
 from the same ``x`` tile and the output is ``silu(gate) * up``. The pre-activation (``[M, F]`` or
 ``[M, 2F]``) is written beside the output for backward, as eager keeps it. Tiles are visited in groups of
 ``GROUP_M`` row blocks so neighbouring programs share ``W`` tiles in L2. Matmuls run in the inputs' dtype
-with fp32 accumulation; ``UPCAST`` loads fp32 instead (the Triton interpreter mis-computes bf16).
+with fp32 accumulation; ``UPCAST`` loads fp32 instead (the Triton interpreter mis-computes bf16); ``PREC``
+is ``tl.dot``'s ``input_precision`` for fp32 operands (``"ieee"`` unless torch allows TF32).
 """
 
 import triton
@@ -20,7 +21,7 @@ def _gelu_tanh(x):
 
 @triton.jit
 def mlp_fwd_kernel(X, W, B, Pre, Y, M, F, K, HAS_B: tl.constexpr, SWIGLU: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):  # fmt: skip
     """Y [M, F] = act(X [M, K] @ W^T + B); Pre keeps the pre-activation."""
     pid = tl.program_id(0)
@@ -44,13 +45,13 @@ def mlp_fwd_kernel(X, W, B, Pre, Y, M, F, K, HAS_B: tl.constexpr, SWIGLU: tl.con
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PREC)
         if SWIGLU:
             u = tl.load(W + (offs_n[:, None] + F) * K + offs_k[None, :], mask=nmask[:, None] & kmask[None, :],
                         other=0.0)  # fmt: skip
             if UPCAST:
                 u = u.to(tl.float32)
-            acc_u += tl.dot(x, tl.trans(u))
+            acc_u += tl.dot(x, tl.trans(u), input_precision=PREC)
     if HAS_B:
         acc += tl.load(B + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     mask = mmask[:, None] & nmask[None, :]

@@ -46,21 +46,28 @@ ATTENTION = [
 def test_flash_attention_compiles_for_sm90(which):
     kernel, tuned = ATTENTION[which]
     for cfg in tuned.configs:  # every configuration the autotuner may pick, at the heaviest variant
-        consts = {"CAUSAL": True, "D": 128, "UPCAST": False, **cfg.kwargs}
+        consts = {"CAUSAL": True, "D": 128, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
         compile_sm90(kernel, _attention_types("bf16"), consts, cfg.num_warps, cfg.num_stages)
     cfg = tuned.configs[0]
-    for d, causal, dt in ((64, True, "bf16"), (64, False, "bf16"), (128, False, "fp16")):
-        consts = {"CAUSAL": causal, "D": d, "UPCAST": False, **cfg.kwargs}
+    for d, causal, dt, prec in ((64, True, "bf16", "tf32"), (64, False, "bf16", "tf32"), (128, False, "fp16", "tf32"),
+                                (64, True, "fp32", "ieee")):  # fmt: skip
+        consts = {"CAUSAL": causal, "D": d, "UPCAST": False, "PREC": prec, **cfg.kwargs}
         compile_sm90(kernel, _attention_types(dt), consts, cfg.num_warps, cfg.num_stages)
 
 
 def test_fused_mlp_compiles_for_sm90():
     types = {"X": "*bf16", "W": "*bf16", "B": "*fp32", "Pre": "*bf16", "Y": "*bf16", "M": "i32", "F": "i32", "K": "i32"}
     for cfg in mlp.mlp_fwd.configs:
-        consts = {"HAS_B": True, "SWIGLU": True, "UPCAST": False, **cfg.kwargs}
+        consts = {"HAS_B": True, "SWIGLU": True, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
         compile_sm90(mlp.mlp_fwd_kernel, types, consts, cfg.num_warps, cfg.num_stages)
     cfg = mlp.mlp_fwd.configs[0]
-    compile_sm90(mlp.mlp_fwd_kernel, types, {"HAS_B": False, "SWIGLU": False, "UPCAST": False, **cfg.kwargs})
+    compile_sm90(
+        mlp.mlp_fwd_kernel, types, {"HAS_B": False, "SWIGLU": False, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
+    )
+    fp32 = {**types, "X": "*fp32", "W": "*fp32", "Pre": "*fp32", "Y": "*fp32"}
+    compile_sm90(
+        mlp.mlp_fwd_kernel, fp32, {"HAS_B": True, "SWIGLU": False, "UPCAST": False, "PREC": "ieee", **cfg.kwargs}
+    )
     for swiglu in (False, True):
         compile_sm90(mlp.mlp_act_bwd_kernel, {"Pre": "*bf16", "DY": "*bf16", "DPre": "*bf16", "M": "i32", "F": "i32"},
                      {"SWIGLU": swiglu, "BLOCK": 1024})  # fmt: skip

@@ -44,3 +44,18 @@ def test_causal_bounds_are_exact_for_any_position_order():
         want_qlo = torch.where(visible, torch.arange(len(qp))[:, None], len(qp)).amin(0)
         assert torch.equal(khi.long(), want_khi) and torch.equal(qlo.long(), want_qlo)
         assert khi.dtype == qlo.dtype == torch.int32
+
+
+def test_fp32_kernels_use_exact_dots_unless_torch_allows_tf32():
+    from gptpar.ops.dispatch import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        matmul.allow_tf32 = before
+    assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"  # tensor cores either way

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from gptpar.ops.dispatch import dot_precision, use_triton
+
 
 def _positions(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
     """Global token positions on ``device`` (int64, contiguous): ``pos``, or ``0..n-1``."""
@@ -136,7 +138,7 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     khi = causal_bounds(qp, kp)[0] if causal else qp
     _launch(kern.attn_fwd, kern.attn_fwd_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, out, lse, qp, kp, khi, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=_upcast(q))  # fmt: skip
+            qf, kf, vf, out, lse, qp, kp, khi, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=_upcast(q), PREC=dot_precision(q.dtype))  # fmt: skip
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
@@ -154,7 +156,7 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     khi, qlo = causal_bounds(qp, kp) if causal else (qp, kp)
-    consts = {"CAUSAL": causal, "D": d, "UPCAST": _upcast(q)}
+    consts = {"CAUSAL": causal, "D": d, "UPCAST": _upcast(q), "PREC": dot_precision(q.dtype)}
     _launch(kern.attn_bwd_dkdv, kern.attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bh),
             qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, sq, sk, scale, **consts)  # fmt: skip
     _launch(kern.attn_bwd_dq, kern.attn_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
@@ -163,7 +165,6 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
 
 
 def _triton(q: torch.Tensor) -> bool:
-    from gptpar.ops.dispatch import use_triton
 
     d = q.shape[-1]
     return use_triton(q) and d in (16, 32, 64, 128) and q.dtype in (torch.float32, torch.float16, torch.bfloat16)

@@ -22,3 +22,12 @@ def use_triton(x: torch.Tensor) -> bool:
     except ImportError:
         return False
     return True
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``: fp32 operands use TF32 tensor cores only
+    where torch itself allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``), else exact IEEE
+    fp32, so an fp32 model computes what the fp32 reference computes. (Irrelevant to bf16/fp16.)"""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

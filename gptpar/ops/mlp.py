@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
+from gptpar.ops.dispatch import dot_precision, use_triton
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -54,8 +55,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def linear_act_forward(x, weight, bias, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(act(x W^T + b), x W^T + b)`` without autograd; Triton or reference by :func:`use_triton`."""
-    from gptpar.ops.dispatch import use_triton
-
     if not use_triton(x):
         pre = F.linear(x, weight, bias)
         return apply_activation(pre, activation), pre
@@ -73,7 +72,12 @@ def linear_act_forward(x, weight, bias, activation: str) -> tuple[torch.Tensor, 
     pre = torch.empty(m, w.shape[0], dtype=dt, device=x.device)
     y = torch.empty(m, f, dtype=dt, device=x.device)
     args = (x2, w, bias if bias is not None else w, pre, y, m, f, k)
-    consts = {"HAS_B": bias is not None, "SWIGLU": swiglu, "UPCAST": dt == torch.bfloat16 and _interpreting()}
+    consts = {
+        "HAS_B": bias is not None,
+        "SWIGLU": swiglu,
+        "UPCAST": dt == torch.bfloat16 and _interpreting(),
+        "PREC": dot_precision(dt),
+    }
     if _interpreting():
         blocks = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
         kern.mlp_fwd_kernel[(triton.cdiv(m, 32) * triton.cdiv(f, 32),)](*args, **consts, **blocks)
@@ -100,8 +104,6 @@ def reference_act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str)
 def act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.Tensor:
     """Gradient w.r.t. the pre-activation ``pre`` (``[..., F]``, or ``[..., 2F]`` for SwiGLU) from ``dy``
     (``[..., F]``), in ``pre``'s dtype, computed in fp32."""
-    from gptpar.ops.dispatch import use_triton
-
     if not use_triton(pre):
         return reference_act_backward(pre, dy, activation)
     import triton
