@@ -30,6 +30,13 @@ def case(tp, dtype, vocab=300):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(lp.grad.float(), lr.grad.chunk(tp, dim=-1)[st.tp.rank], rtol=tol, atol=tol)
+    # inplace_backward: the same gradient, written over the logits' own storage
+    li = logits.chunk(tp, dim=-1)[st.tp.rank].clone().requires_grad_()
+    work = li * 1.0  # a non-leaf the loss may consume
+    out = vocab_parallel_cross_entropy(work, target, st.tp, inplace_backward=True)
+    (grad,) = torch.autograd.grad((out * dl).sum(), work)
+    assert grad.data_ptr() == work.data_ptr()
+    torch.testing.assert_close(grad.float(), lp.grad.float(), rtol=0, atol=0)
     return True
 
 

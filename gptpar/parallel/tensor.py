@@ -371,10 +371,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
     """Same contract as :class:`_VocabParallelCrossEntropy`; the Triton kernels compute the per-row
-    statistics in one pass and keep only the logits (no fp32 softmax copy) for backward."""
+    statistics in one pass and keep only the logits (no fp32 softmax copy) for backward. The backward
+    kernel writes the gradient in place: over a copy of the logits, or with ``inplace`` over the saved
+    logits themselves (no second logits-sized buffer; the caller's logits are then overwritten)."""
 
     @staticmethod
-    def forward(ctx, logits, target, group, ignore_index):
+    def forward(ctx, logits, target, group, ignore_index, inplace=False):
         import triton
 
         from gptpar.kernels.cross_entropy import ce_stats_kernel
@@ -393,7 +395,7 @@ class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
         valid = target != ignore_index
         loss = (both[1].log() + global_max - both[0]).masked_fill(~valid, 0.0)
         ctx.save_for_backward(logits, target, global_max, both[1], valid)
-        ctx.start, ctx.block = start, block
+        ctx.start, ctx.block, ctx.inplace = start, block, inplace
         return loss
 
     @staticmethod
@@ -401,21 +403,24 @@ class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
         from gptpar.kernels.cross_entropy import ce_grad_kernel
 
         logits, target, global_max, sum_exp, valid = ctx.saved_tensors
-        grad = logits.clone()  # written in place by the kernel (the saved logits stay intact)
+        grad = logits if ctx.inplace else logits.clone()  # the kernel overwrites it with the gradient
         d = (grad_loss * valid).float().contiguous()
         ce_grad_kernel[(grad.shape[0],)](grad, target, global_max, sum_exp, d, grad.stride(0), grad.shape[1], ctx.start,
                                          BLOCK=ctx.block)  # fmt: skip
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int = -100
+    logits: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int = -100, inplace_backward: bool = False
 ) -> torch.Tensor:
     """Per-token cross-entropy from vocab-sharded logits without gathering them.
 
     In ``logits [..., V/tp]`` (rank r holds vocab slice r), ``target [...]`` global ids; out ``[...]`` fp32
     losses (0 where ``target == ignore_index``). Collectives: all-reduce MAX of the row maxima and one
     all-reduce SUM of (target logit, sum of exps), both ``[N]``-sized, over ``group``.
+    ``inplace_backward`` (Triton path): backward writes the logits' gradient over ``logits`` itself, saving
+    the largest buffer of the step, when the caller has no further use for the logits. (The reference
+    path always turns its own softmax buffer into the gradient, as Megatron does.)
     """
     if logits.shape[:-1] != target.shape:
         raise GptparConfigError(
@@ -423,8 +428,11 @@ def vocab_parallel_cross_entropy(
         )
     from gptpar.ops.dispatch import use_triton
 
-    fn = _TritonVocabParallelCrossEntropy if use_triton(logits) else _VocabParallelCrossEntropy
-    flat = fn.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), group, ignore_index)
+    flat_logits, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    if use_triton(logits):
+        flat = _TritonVocabParallelCrossEntropy.apply(flat_logits, flat_target, group, ignore_index, inplace_backward)
+    else:
+        flat = _VocabParallelCrossEntropy.apply(flat_logits, flat_target, group, ignore_index)
     return flat.view(target.shape)
 
 
