@@ -28,6 +28,24 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of the tile are real and, when causal, visible: ``qpos >= kpos``."""
+    visible = qmask[:, None] & kmask[None, :]
+    if CAUSAL:
+        qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
+        kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
+        visible = visible & (qpos[:, None] >= kpos[None, :])
+    return visible
+
+
+@triton.jit
+def _probs(q, k, lse2, qk_scale, visible, PREC: tl.constexpr):
+    """Backward's recomputed probabilities ``exp(S - lse)`` of a tile (base 2), zero where not visible."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    return tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
 def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
                     UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -41,7 +59,6 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: t
     qk_scale = scale * 1.4426950408889634
     hi = Sk
     if CAUSAL:
-        qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
         hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -51,11 +68,7 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: t
         kmask = offs_n < Sk
         k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        visible = kmask[None, :]
-        if CAUSAL:
-            kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
-            visible = visible & (qpos[:, None] >= kpos[None, :])
-        s = tl.where(visible, s, -float("inf"))
+        s = tl.where(_visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that have seen nothing yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -90,7 +103,6 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, S
     qk_scale = scale * 1.4426950408889634
     lo = 0
     if CAUSAL:
-        kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
         lo = tl.min(tl.load(QLo + offs_n, mask=kmask, other=Sq), axis=0)
         lo = (lo // BLOCK_M) * BLOCK_M
     dk = tl.zeros((BLOCK_N, D), tl.float32)
@@ -103,12 +115,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, S
         lse = tl.load(LSE + bh * Sq + offs_m, mask=qmask, other=float("inf"))
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
         delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        visible = qmask[:, None] & kmask[None, :]
-        if CAUSAL:
-            qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
-            visible = visible & (qpos[:, None] >= kpos[None, :])
-        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = _probs(q, k, lse2, qk_scale, _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), PREC)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -137,7 +144,6 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, Sq, Sk, sca
     qk_scale = scale * 1.4426950408889634
     hi = Sk
     if CAUSAL:
-        qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
         hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     for start in range(0, hi, BLOCK_N):
@@ -145,12 +151,7 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, Sq, Sk, sca
         kmask = offs_n < Sk
         k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
         v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        visible = qmask[:, None] & kmask[None, :]
-        if CAUSAL:
-            kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
-            visible = visible & (qpos[:, None] >= kpos[None, :])
-        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = _probs(q, k, lse2, qk_scale, _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), PREC)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * scale
