@@ -226,9 +226,11 @@ def main() -> None:
 
     print(f"gpu_suite on {device_name}, torch {torch.__version__}, triton {triton.__version__}, {suite.dtype}")
     torch.manual_seed(0)
-    suite.attention(seqs, dims, tokens, width)
-    suite.mlp(*mlp_shape)
-    suite.norms(*norm_shape)
+    for section, run in (("attention", lambda: suite.attention(seqs, dims, tokens, width)),
+                         ("mlp", lambda: suite.mlp(*mlp_shape)), ("norms", lambda: suite.norms(*norm_shape))):  # fmt: skip
+        t0 = time.perf_counter()
+        run()
+        print(f"({section}: {time.perf_counter() - t0:.0f} s including compilation and autotuning)")
     elapsed = time.perf_counter() - t_start
     print(f"done in {elapsed:.0f} s")
     out = args.out or (None if args.smoke else os.path.join(os.path.dirname(__file__), "results", "gpu_suite.json"))
