@@ -14,11 +14,10 @@ so each block's gradient is exact without storing any probabilities:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from gptpar.ops.dispatch import dot_precision, use_triton
+from gptpar.ops.dispatch import dot_precision, interpreting, upcast_loads, use_triton
 
 
 def _positions(n: int, pos: torch.Tensor | None, device) -> torch.Tensor:
@@ -112,15 +111,11 @@ def causal_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tenso
 
 def _launch(autotuned, kernel, grid_of, *args, **consts):
     """The autotuned kernel on a GPU; the plain kernel with fixed blocks under the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         meta = {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK}
         kernel[grid_of(meta)](*args, **consts, **meta)
     else:
         autotuned[grid_of](*args, **consts)
-
-
-def _upcast(t: torch.Tensor) -> bool:
-    return t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
@@ -138,7 +133,7 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     khi = causal_bounds(qp, kp)[0] if causal else qp
     _launch(kern.attn_fwd, kern.attn_fwd_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, out, lse, qp, kp, khi, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=_upcast(q), PREC=dot_precision(q.dtype))  # fmt: skip
+            qf, kf, vf, out, lse, qp, kp, khi, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=upcast_loads(q.dtype), PREC=dot_precision(q.dtype))  # fmt: skip
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
@@ -156,7 +151,7 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     khi, qlo = causal_bounds(qp, kp) if causal else (qp, kp)
-    consts = {"CAUSAL": causal, "D": d, "UPCAST": _upcast(q), "PREC": dot_precision(q.dtype)}
+    consts = {"CAUSAL": causal, "D": d, "UPCAST": upcast_loads(q.dtype), "PREC": dot_precision(q.dtype)}
     _launch(kern.attn_bwd_dkdv, kern.attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bh),
             qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, sq, sk, scale, **consts)  # fmt: skip
     _launch(kern.attn_bwd_dq, kern.attn_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),

@@ -31,3 +31,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``): fixed small blocks, no autotuning."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def upcast_loads(dtype: torch.dtype) -> bool:
+    """The kernels' ``UPCAST``: load as fp32, for bf16 under the interpreter (which mis-computes bf16)."""
+    return dtype == torch.bfloat16 and interpreting()

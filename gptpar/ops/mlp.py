@@ -16,13 +16,12 @@ Under autocast the Triton path runs in the autocast dtype, as ``F.linear`` would
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
-from gptpar.ops.dispatch import dot_precision, use_triton
+from gptpar.ops.dispatch import dot_precision, interpreting, upcast_loads, use_triton
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -42,10 +41,6 @@ def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 def reference_linear_act(x, weight, bias, activation: str = "gelu"):
     return apply_activation(F.linear(x, weight, bias), activation)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,10 +70,10 @@ def linear_act_forward(x, weight, bias, activation: str) -> tuple[torch.Tensor, 
     consts = {
         "HAS_B": bias is not None,
         "SWIGLU": swiglu,
-        "UPCAST": dt == torch.bfloat16 and _interpreting(),
+        "UPCAST": upcast_loads(dt),
         "PREC": dot_precision(dt),
     }
-    if _interpreting():
+    if interpreting():
         blocks = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
         kern.mlp_fwd_kernel[(triton.cdiv(m, 32) * triton.cdiv(f, 32),)](*args, **consts, **blocks)
     else:
