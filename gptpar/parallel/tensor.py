@@ -18,10 +18,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
-from gptpar.ops.mlp import act_backward, check_activation, linear_act_forward
+from gptpar.ops.mlp import check_activation
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import Group
-from gptpar.parallel.wgrad import deferred_queue, linear, linear_weight_grads, weight_grads_now_or_later
+from gptpar.parallel.wgrad import (
+    deferred_queue,
+    forward_saving,
+    linear,
+    linear_weight_grads,
+    saved_and_pre_activation_grad,
+    weight_grads_now_or_later,
+)
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -281,21 +288,12 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, dim, activation):
-        ctx.group, ctx.dim, ctx.params, ctx.activation = group, dim, (weight, bias), activation
-        full = comm.all_gather(x, group, dim)
-        if activation is None:
-            ctx.save_for_backward(x, weight)
-            return F.linear(full, weight, bias)
-        y, pre = linear_act_forward(full, weight, bias, activation)
-        ctx.save_for_backward(x, weight, pre)
-        return y
+        ctx.group, ctx.dim = group, dim
+        return forward_saving(ctx, x, comm.all_gather(x, group, dim), weight, bias, activation)
 
     @staticmethod
     def backward(ctx, g):
-        saved = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
-        x, weight = saved[:2]
-        if ctx.activation is not None:
-            g = act_backward(saved[2], g, ctx.activation)
+        x, weight, g = saved_and_pre_activation_grad(ctx, g)
         group, dim = ctx.group, ctx.dim
         gather = _gather_seq_async(x, group, dim)  # the weight gradient needs the full input again
         # (autocast: compute in g's dtype as the forward did; return gradients in the inputs' dtypes)

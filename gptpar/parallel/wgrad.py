@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from gptpar.ops.mlp import act_backward, linear_act_forward
+
 _queue: list[Callable[[], None]] | None = None
 
 
@@ -70,31 +72,39 @@ def weight_grads_now_or_later(params, compute: Callable[[], tuple]) -> tuple:
     return None, None
 
 
+def forward_saving(ctx, saved_input, x, weight, bias, activation: str | None) -> torch.Tensor:
+    """Forward of ``act(x W^T + b)`` for a linear autograd Function: saves ``(saved_input, weight)`` and, with
+    an activation, the pre-activation, for :func:`saved_and_pre_activation_grad`. ``saved_input`` is what
+    backward needs of ``x`` (``x`` itself, or the sequence shard it was gathered from)."""
+    ctx.params = (weight, bias)  # the leaves themselves, for deferred accumulation
+    ctx.activation = activation
+    if activation is None:
+        ctx.save_for_backward(saved_input, weight)
+        return torch.nn.functional.linear(x, weight, bias)
+    y, pre = linear_act_forward(x, weight, bias, activation)
+    ctx.save_for_backward(saved_input, weight, pre)
+    return y
+
+
+def saved_and_pre_activation_grad(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(saved_input, weight, gradient w.r.t. x W^T + b)``: through the fused activation gradient if any."""
+    saved = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
+    if ctx.activation is not None:
+        g = act_backward(saved[2], g, ctx.activation)
+    return saved[0], saved[1], g
+
+
 class _Linear(torch.autograd.Function):
     """``act(x W^T + b)`` (``activation`` None: no activation). With an activation the forward is the fused
     GEMM + epilogue of :mod:`gptpar.ops.mlp` and the backward starts with its fused activation gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation):
-        ctx.params = (weight, bias)  # the leaves themselves, for deferred accumulation
-        ctx.activation = activation
-        if activation is None:
-            ctx.save_for_backward(x, weight)
-            return torch.nn.functional.linear(x, weight, bias)
-        from gptpar.ops.mlp import linear_act_forward
-
-        y, pre = linear_act_forward(x, weight, bias, activation)
-        ctx.save_for_backward(x, weight, pre)
-        return y
+        return forward_saving(ctx, x, x, weight, bias, activation)
 
     @staticmethod
     def backward(ctx, g):
-        saved = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
-        x, weight = saved[:2]
-        if ctx.activation is not None:
-            from gptpar.ops.mlp import act_backward
-
-            g = act_backward(saved[2], g, ctx.activation)
+        x, weight, g = saved_and_pre_activation_grad(ctx, g)
         # Under autocast the output (and so g) is low precision while x and W are stored as given:
         # compute in g's dtype, as autocast did forward, and return gradients in the inputs' dtypes.
         grad_x = g.matmul(weight.to(g.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
@@ -111,7 +121,5 @@ def linear(
     if not (torch.is_grad_enabled() and weight.requires_grad):
         if activation is None:
             return torch.nn.functional.linear(x, weight, bias)
-        from gptpar.ops.mlp import linear_act_forward
-
         return linear_act_forward(x, weight, bias, activation)[0]
     return _Linear.apply(x, weight, bias, activation)
