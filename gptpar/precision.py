@@ -57,13 +57,16 @@ class DynamicLossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
 
-    @torch.no_grad()
     def unscale_(self, params) -> bool:
         """Divide every gradient by the scale; returns True if any rank saw inf/nan (then skip the step)."""
+        return self.unscale_tensors_([p.grad for p in params if p.grad is not None])
+
+    @torch.no_grad()
+    def unscale_tensors_(self, grads) -> bool:
+        """:meth:`unscale_` on gradient tensors themselves (e.g. ZeRO's sharded gradients)."""
         grads_by_device: dict = {}
-        for p in params:
-            if p.grad is not None:
-                grads_by_device.setdefault(p.grad.device, []).append(p.grad)
+        for g in grads:
+            grads_by_device.setdefault(g.device, []).append(g)
         found = torch.zeros(1, dtype=torch.float32, device=self.state.device)
         for device, grads in grads_by_device.items():
             flag = unscale_check_([g if g.is_contiguous() else g.contiguous() for g in grads], 1.0 / self.scale,
@@ -89,6 +92,14 @@ class DynamicLossScaler:
         self.scale, self.good_steps, self.skipped = float(d["scale"]), int(d["good_steps"]), int(d["skipped"])
 
 
+def counts_toward_norm(p: torch.Tensor, state: ParallelState) -> bool:
+    """Whether this rank's copy of ``p`` adds to the global gradient norm: tp-sharded parameters on every tp
+    rank, tp-replicated ones on tp rank 0 only, never a pipeline-tied second copy."""
+    if getattr(p, "pipeline_tied_copy", False):
+        return False
+    return getattr(p, "tp_dim", None) is not None or state.tp.rank == 0
+
+
 @torch.no_grad()
 def global_grad_norm(params, state: ParallelState) -> torch.Tensor:
     """The L2 norm of the whole model's gradient, each parameter counted once across every parallel dim.
@@ -99,10 +110,7 @@ def global_grad_norm(params, state: ParallelState) -> torch.Tensor:
     """
     sq = torch.zeros((), dtype=torch.float32, device=state.device)
     for p in params:
-        if p.grad is None or getattr(p, "pipeline_tied_copy", False):
-            continue
-        sharded = getattr(p, "tp_dim", None) is not None
-        if sharded or state.tp.rank == 0:
+        if p.grad is not None and counts_toward_norm(p, state):
             sq += p.grad.detach().float().pow(2).sum()
     comm.all_reduce(sq, state.tp)
     comm.all_reduce(sq, state.pp)

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--recompute", action="store_true", help="full activation recomputation (keep one input per layer)")
     a("--precision", default="fp32", choices=PRECISIONS)
     a("--reduce-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="data-parallel gradient reduction")
+    a("--zero", action="store_true", help="ZeRO-1: shard fp32 master weights and AdamW state across dp (needs dp > 1)")
     a("--model", default="tiny", choices=sorted(PRESETS))
     a("--n-layer", type=int)
     a("--n-head", type=int)
@@ -146,6 +147,10 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
             raise GptparConfigError(
                 f"{model.n_layer} layers + embedding + head cannot fill pp*virtual_stages = {args.pp * args.virtual_stages} stages"
             )
+    if args.zero and dp == 1:
+        raise GptparConfigError(
+            "--zero shards the optimizer state across data-parallel ranks: it needs dp > 1, got dp=1"
+        )
     if args.batch_size % (dp * m):
         raise GptparConfigError(f"--batch-size {args.batch_size} is not divisible by dp*micro_batches = {dp}*{m}")
     if args.recompute and model.dropout > 0:
@@ -177,6 +182,7 @@ def worker(argv: list[str]) -> None:
     from gptpar.parallel import comm
     from gptpar.parallel.data import DataParallel, allreduce_gradients
     from gptpar.parallel.mesh import init_parallel
+    from gptpar.parallel.zero import ZeroAdamW
     from gptpar.pipeline import make_pipeline
     from gptpar.precision import DynamicLossScaler, autocast, clip_grad_norm_
 
@@ -199,11 +205,16 @@ def worker(argv: list[str]) -> None:
         chunks = [ParallelGPT(cfg, st, **options)]
     params = [p for c in chunks for p in c.parameters()]
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reduce_dtype]
-    ddp = DataParallel(params, st, reduce_dtype=reduce_dtype) if st.dp.size > 1 else None
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
+    ddp = DataParallel(params, st, reduce_dtype=reduce_dtype, shard_grads=args.zero) if st.dp.size > 1 else None
+    if args.zero:  # weight decay on matrices only, as the torch optimizer's two groups below
+        opt = ZeroAdamW(
+            ddp, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, decay=lambda p: p.dim() >= 2
+        )
+    else:
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
     scaler = DynamicLossScaler(st) if args.precision == "fp16" else None
     meta = {"model": cfg.to_dict(), "tokenizer": corpus.tokenizer_path, "data": args.data, "args": vars(args)}
     start = 0
@@ -212,6 +223,8 @@ def worker(argv: list[str]) -> None:
     if (args.resume or restarted) and folder is not None:
         loaded = checkpoint.load(folder, chunks, opt, st, cfg.to_dict())
         start = loaded["step"]
+        if args.zero and loaded["resharded"]:
+            opt.reset_from_params()  # fresh optimizer state, as torch's; masters from the loaded weights
         if scaler is not None and "scaler" in loaded["extra"]:
             scaler.load_state_dict(loaded["extra"]["scaler"])
     rank0 = st.rank == 0
@@ -285,13 +298,23 @@ def worker(argv: list[str]) -> None:
         if ddp:
             ddp.finish()
         if st.cp.size > 1:
-            for c in chunks:
-                allreduce_gradients(c, st.cp)
+            if args.zero:  # cp ranks hold partial sums of the same slices
+                for shard in opt.grad_shards():
+                    comm.all_reduce(shard, st.cp)
+            else:
+                for c in chunks:
+                    allreduce_gradients(c, st.cp)
         comm_s += time.perf_counter() - tc
-        skip = scaler.unscale_(params) if scaler else False
+        if scaler:
+            skip = scaler.unscale_tensors_(opt.grad_shards()) if args.zero else scaler.unscale_(params)
+        else:
+            skip = False
         if not skip:
             if args.grad_clip > 0:
-                clip_grad_norm_(params, args.grad_clip, st)
+                if args.zero:
+                    opt.clip_grad_norm_(args.grad_clip, st)
+                else:
+                    clip_grad_norm_(params, args.grad_clip, st)
             opt.step()
         if scaler:
             scaler.update(skip)

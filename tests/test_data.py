@@ -181,6 +181,76 @@ def test_zero1_equals_plain_data_parallel_and_shards_optimizer_state():
     assert not torch.equal(zero[0][0]["wte.weight"], GPT(CONFIG).wte.weight)  # training moved the weights
 
 
+def _zero_vs_torch_adamw(layout, zero):
+    """What `gptpar train` does each step, ZeRO-1 or torch AdamW: decay on matrices only, a loss scaler's
+    unscale, global-norm clipping (active: max norm 0.05), then the update."""
+    st = init_parallel(layout)
+    model = ParallelGPT(CONFIG, st)
+    ddp = DataParallel(model, st, shard_grads=zero, bucket_mb=0.05, first_bucket_mb=0.01)
+    params = list(model.parameters())
+    if zero:
+        opt = ZeroAdamW(ddp, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, decay=lambda p: p.dim() >= 2)
+    else:
+        decay = [p for p in params if p.dim() >= 2]
+        rest = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                lr=1e-2, betas=(0.9, 0.95))  # fmt: skip
+    scaler = DynamicLossScaler(st, init_scale=1024.0)
+    per = B // st.dp.size
+    norms = []
+    for step in range(3):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 / (step + 1)
+        idx, tgt = batch(CONFIG, seed=step, b=B)
+        rows = slice(st.dp.rank * per, (st.dp.rank + 1) * per)
+        _, loss = model(idx[rows], tgt[rows])
+        scaler.scale_loss(loss).backward()
+        ddp.finish()
+        if zero:
+            assert not scaler.unscale_tensors_(opt.grad_shards())
+            norms.append(opt.clip_grad_norm_(0.05, st))
+        else:
+            assert not scaler.unscale_(params)
+            norms.append(clip_grad_norm_(params, 0.05, st))
+        opt.step()
+        ddp.zero_grad()
+    return gather_state_dict(model, st.tp), torch.stack(norms)
+
+
+@pytest.mark.parametrize("layout", [ParallelLayout(dp=2), ParallelLayout(dp=2, tp=2)], ids=["dp2", "dp2xtp2"])
+def test_zero1_with_decay_groups_unscale_and_clipping_equals_torch_adamw(layout):
+    plain = run_distributed(_zero_vs_torch_adamw, layout.world_size, layout, False)
+    zero = run_distributed(_zero_vs_torch_adamw, layout.world_size, layout, True)
+    for (sd_p, norms_p), (sd_z, norms_z) in zip(plain, zero, strict=True):
+        close(norms_z, norms_p, "global grad norm", dict(rtol=1e-5, atol=0))
+        assert torch.all(norms_p > 0.05)  # clipping was active every step
+        for n in sd_p:
+            close(sd_z[n], sd_p[n], f"ZeRO-1 vs torch AdamW weight {n}", dict(rtol=1e-5, atol=1e-6))
+
+
+def test_zero1_state_dict_round_trip_and_layout_check():
+    st = init_parallel(ParallelLayout())
+    model = ParallelGPT(CONFIG, st)
+    ddp = DataParallel(model, st, shard_grads=True)
+    opt = ZeroAdamW(ddp, lr=1e-3)
+    _, loss = model(*batch(CONFIG, seed=0, b=2))
+    loss.backward()
+    ddp.finish()
+    opt.step()
+    saved = opt.state_dict()
+    other = ZeroAdamW(ddp, lr=5.0)
+    other.load_state_dict(saved)
+    assert other.t == 1 and other.lr == 1e-3
+    assert all(
+        torch.equal(x, y)
+        for a, b in zip(saved["slices"], other.state_dict()["slices"], strict=True)
+        for x, y in zip(a, b, strict=True)
+    )
+    saved["slices"] = saved["slices"][:-1]
+    with pytest.raises(GptparConfigError, match="do not match this layout"):
+        other.load_state_dict(saved)
+
+
 # ---------------------------------------------------------------------------------------------- loss scaler
 def _scaler():
     st = init_parallel(ParallelLayout(dp=2))

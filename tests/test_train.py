@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,7 +61,11 @@ def test_single_process_run_learns_and_writes_its_outputs(single):
     assert summary["tokens_per_s"] > 0 and len(summary["peak_memory_bytes_per_rank"]) == 1
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2", "--pp", "2"], ["--dp", "2", "--tp", "2"]], ids=["tp2xpp2", "dp2xtp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tp", "2", "--pp", "2"], ["--dp", "2", "--tp", "2"], ["--dp", "2", "--tp", "2", "--zero"]],
+    ids=["tp2xpp2", "dp2xtp2", "dp2xtp2-zero1"],
+)
 def test_four_process_layouts_match_the_single_process_run_step_for_step(single, tp2pp2, tmp_path, cache, layout):
     out = tp2pp2 if layout == ["--tp", "2", "--pp", "2"] else tmp_path
     if out is tmp_path:
@@ -127,6 +132,34 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, cache):
     assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
 
 
+def test_zero1_resume_is_bitwise_identical_and_reshards_to_plain_adamw(tmp_path, cache):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    zero = ["--nproc", "2", "--dp", "2", "--zero", "--save-every", "3"]
+    train(a, *zero, cache=cache, steps=6)
+    train(b, *zero, cache=cache, steps=3)
+    train(b, *zero, "--resume", cache=cache, steps=6)  # masters and moments from the sharded optimizer state
+    la, lb = losses(a), losses(b)
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]  # exactly, step for step
+    fa = checkpoint.load_full_state_dict(checkpoint.latest(str(a)))
+    fb = checkpoint.load_full_state_dict(checkpoint.latest(str(b)))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    # the same weights continue on one process with torch's AdamW (optimizer state starts fresh there) ...
+    shutil.copytree(b, c)
+    res = train(c, "--nproc", "1", "--resume", cache=cache, steps=8)
+    assert "resharded checkpoint" in res.stdout
+    # ... and from there, resharded back to ZeRO-1 (fresh sharded state, masters from the loaded weights),
+    # step for step with torch's AdamW resharded from the same checkpoint (fresh state too)
+    d, e = tmp_path / "d", tmp_path / "e"
+    shutil.copytree(c, d)
+    shutil.copytree(c, e)
+    train(d, "--nproc", "2", "--dp", "2", "--zero", "--resume", cache=cache, steps=10)
+    train(e, "--nproc", "2", "--dp", "2", "--resume", cache=cache, steps=10)
+    ld, le = losses(d)[-2:], losses(e)[-2:]
+    assert [r["step"] for r in ld] == [r["step"] for r in le] == [9, 10]
+    for g, w in zip(ld, le, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g, w)
+
+
 def test_crash_during_save_leaves_the_last_checkpoint_loadable(tmp_path, cache):
     res = train(tmp_path, "--nproc", "2", "--tp", "2", "--save-every", "2", cache=cache, steps=6, check=False,
                 env={checkpoint.CRASH_ENV: "4"})  # fmt: skip
@@ -156,6 +189,10 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_pat
         (["--nproc", "3", "--tp", "2"], "--nproc 3 is not divisible by tp*pp*cp = 2"),
         (["--config", "BADTOML"], "unknown option(s) ['learning_rate']"),
         (["--resume"], "--resume: no checkpoint in"),
+        (
+            ["--nproc", "2", "--tp", "2", "--zero"],
+            "--zero shards the optimizer state across data-parallel ranks: it needs dp > 1, got dp=1",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, message):
