@@ -6,9 +6,11 @@ fp32 (base 2, the scale folded into ``log2(e)``); a row that sees no key gets ``
 (so ring attention can merge it away). Backward recomputes the probabilities from the LSE
 (FlashAttention-2): one kernel for dK/dV per key block, one for dQ per query block, no atomics.
 
-Causal block skipping works for any positions: ``KHi[i]`` is one past the last key row query ``i`` can see
-and ``QLo[j]`` the first query row that sees key ``j`` (host-side, :func:`gptpar.ops.attention`), so a
-program loops only over the blocks that hold visible pairs (a K/V block from a later rank: none at all).
+Causal block skipping works for any positions (host-side bounds, :func:`gptpar.ops.attention.causal_bounds`):
+``KHi[i]`` is one past the last key query ``i`` sees and ``KFull[i]`` the length of the key prefix it sees
+whole; ``QLo[j]`` is the first query that sees key ``j`` and ``QFull[j]`` the start of the query suffix that
+all see it. A program loops only over blocks holding visible pairs (a K/V block from a later rank: none),
+in two stages: blocks every row sees whole skip the mask (no position loads, no compare), the rest mask.
 
 The matmuls run in the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation). ``UPCAST`` loads
 everything as fp32 instead: the Triton interpreter mis-computes bf16. ``PREC`` is ``tl.dot``'s
@@ -39,15 +41,40 @@ def _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _probs(q, k, lse2, qk_scale, visible, PREC: tl.constexpr):
-    """Backward's recomputed probabilities ``exp(S - lse)`` of a tile (base 2), zero where not visible."""
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, QPos, KPos, offs_m, offs_n, qmask, Sk, qk_scale, D: tl.constexpr,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """One K/V tile of the online softmax. ``MASKED=False``: every pair of the tile is known visible."""
+    kmask = offs_n < Sk
+    k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    return tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+    if MASKED:
+        s = tl.where(_visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that have seen nothing yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For a query block: keys ``[0, full)`` (whole blocks) are visible to every row, so they need no mask;
+    keys ``[full, hi)`` hold the rest of what any row sees."""
+    if CAUSAL:
+        hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
+        full = tl.min(tl.load(KFull + offs_m, mask=qmask, other=Sk), axis=0)
+    else:
+        hi = Sk
+        full = Sk
+    return (full // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, KFull, Sq, Sk, scale, CAUSAL: tl.constexpr,
+                    D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -57,26 +84,16 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: t
     k_base = K + bh * Sk * D + offs_d[None, :]
     v_base = V + bh * Sk * D + offs_d[None, :]
     qk_scale = scale * 1.4426950408889634
-    hi = Sk
-    if CAUSAL:
-        hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
+    full, hi = _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL, BLOCK_N)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, hi, BLOCK_N):
-        offs_n = start + offs_n0
-        kmask = offs_n < Sk
-        k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(_visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that have seen nothing yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    for start in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk,
+                                  qk_scale, D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
+    for start in range(full, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk,
+                                  qk_scale, D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -88,9 +105,39 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: t
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, Sk, scale, CAUSAL: tl.constexpr,
-                         D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):  # fmt: skip
+def _probs(q, k, lse2, qk_scale, QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL: tl.constexpr,
+           MASKED: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Backward's recomputed probabilities ``exp(S - lse)`` of a tile (base 2); with ``MASKED``, zero where
+    not visible. (Unmasked tiles: padding rows have ``lse = inf`` so ``p = 0``; padding keys only reach
+    their own, unstored, dK/dV rows.)"""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(_visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), p, 0.0)
+    return p
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, Delta, QPos, KPos, offs_m, offs_n, kmask, Sq, qk_scale,
+               D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+               PREC: tl.constexpr):  # fmt: skip
+    qmask = offs_m < Sq
+    q = _load(q_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
+    do = _load(do_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
+    lse = tl.load(LSE + offs_m, mask=qmask, other=float("inf"))
+    lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
+    delta = tl.load(Delta + offs_m, mask=qmask, other=0.0)
+    p = _probs(q, k, lse2, qk_scale, QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL, MASKED, PREC)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, QFull, Sq, Sk, scale,
+                         CAUSAL: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -100,33 +147,43 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, Sq, S
     v = _load(V + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], kmask[:, None], UPCAST)
     q_base = Q + bh * Sq * D + offs_d[None, :]
     do_base = DO + bh * Sq * D + offs_d[None, :]
+    lse_base, delta_base = LSE + bh * Sq, Delta + bh * Sq
     qk_scale = scale * 1.4426950408889634
+    # queries [lo, full) may see part of this key block (masked); [full, Sq) see all of it (unmasked)
     lo = 0
+    full = 0
     if CAUSAL:
         lo = tl.min(tl.load(QLo + offs_n, mask=kmask, other=Sq), axis=0)
         lo = (lo // BLOCK_M) * BLOCK_M
+        full = tl.max(tl.load(QFull + offs_n, mask=kmask, other=0), axis=0)
+        full = tl.maximum(((full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    for start in range(lo, Sq, BLOCK_M):
-        offs_m = start + offs_m0
-        qmask = offs_m < Sq
-        q = _load(q_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
-        do = _load(do_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
-        lse = tl.load(LSE + bh * Sq + offs_m, mask=qmask, other=float("inf"))
-        lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
-        delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)
-        p = _probs(q, k, lse2, qk_scale, _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), PREC)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    for start in range(lo, full, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0, offs_n,
+                            kmask, Sq, qk_scale, D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
+    for start in range(full, Sq, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0, offs_n,
+                            kmask, Sq, qk_scale, D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
     dk = dk * scale
     tl.store(DK + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(DV + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, Sq, Sk, scale, CAUSAL: tl.constexpr,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, offs_n, qmask, Sk, qk_scale,
+             D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+             PREC: tl.constexpr):  # fmt: skip
+    kmask = offs_n < Sk
+    k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
+    v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
+    p = _probs(q, k, lse2, qk_scale, QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL, MASKED, PREC)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, KFull, Sq, Sk, scale, CAUSAL: tl.constexpr,
                        D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -142,18 +199,14 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, Sq, Sk, sca
     lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)
     qk_scale = scale * 1.4426950408889634
-    hi = Sk
-    if CAUSAL:
-        hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
+    full, hi = _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL, BLOCK_N)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, hi, BLOCK_N):
-        offs_n = start + offs_n0
-        kmask = offs_n < Sk
-        k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-        p = _probs(q, k, lse2, qk_scale, _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), PREC)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    for start in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk, qk_scale,
+                      D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
+    for start in range(full, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk, qk_scale,
+                      D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
     dq = dq * scale
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask[:, None])
 

@@ -31,7 +31,19 @@ def compile_sm90(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_
 def _attention_types(dt: str) -> dict:
     t = {n: f"*{dt}" for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
     t.update({n: "*fp32" for n in ("LSE", "Delta")})
-    t.update({"QPos": "*i64", "KPos": "*i64", "KHi": "*i32", "QLo": "*i32", "Sq": "i32", "Sk": "i32", "scale": "fp32"})
+    t.update(
+        {
+            "QPos": "*i64",
+            "KPos": "*i64",
+            "KHi": "*i32",
+            "KFull": "*i32",
+            "QLo": "*i32",
+            "QFull": "*i32",
+            "Sq": "i32",
+            "Sk": "i32",
+            "scale": "fp32",
+        }
+    )
     return t
 
 

@@ -37,13 +37,15 @@ def test_causal_bounds_are_exact_for_any_position_order():
     zigzag = torch.cat([torch.arange(8, 16), torch.arange(48, 56)])
     for qp, kp in ((torch.arange(40), torch.arange(40)), (zigzag, torch.arange(64)), (torch.arange(64), zigzag),
                    (torch.arange(16), torch.arange(30, 54)), (torch.randperm(50), torch.randperm(37))):  # fmt: skip
-        khi, qlo = causal_bounds(qp, kp)
+        khi, kfull, qlo, qfull = causal_bounds(qp, kp)
         visible = qp[:, None] >= kp[None, :]
-        idx = torch.arange(len(kp))
-        want_khi = torch.where(visible, idx + 1, 0).amax(1)  # one past the last visible key, 0 if none
-        want_qlo = torch.where(visible, torch.arange(len(qp))[:, None], len(qp)).amin(0)
-        assert torch.equal(khi.long(), want_khi) and torch.equal(qlo.long(), want_qlo)
-        assert khi.dtype == qlo.dtype == torch.int32
+        ki, qi = torch.arange(len(kp)), torch.arange(len(qp))[:, None]
+        want_khi = torch.where(visible, ki + 1, 0).amax(1)  # one past the last visible key, 0 if none
+        want_kfull = torch.where(~visible, ki, len(kp)).amin(1)  # the first key not seen
+        want_qlo = torch.where(visible, qi, len(qp)).amin(0)
+        want_qfull = torch.where(~visible, qi + 1, 0).amax(0)  # one past the last query not seeing it
+        for got, want in ((khi, want_khi), (kfull, want_kfull), (qlo, want_qlo), (qfull, want_qfull)):
+            assert got.dtype == torch.int32 and torch.equal(got.long(), want)
 
 
 def test_fp32_kernels_use_exact_dots_unless_torch_allows_tf32():

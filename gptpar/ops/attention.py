@@ -97,16 +97,24 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
 
 
-def causal_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For causal masking by positions (any order): ``khi[i]``, one past the last key index query ``i``
-    sees, and ``qlo[j]``, the first query index that sees key ``j`` (int32). The kernels loop only over
-    blocks in these ranges. Computed on the device without a host sync, via the suffix-minimum of the key
-    positions and the prefix-maximum of the query positions (both sorted, so binary-searchable)."""
-    suffix_min = k_pos.flip(0).cummin(0).values.flip(0)
-    khi = torch.searchsorted(suffix_min, q_pos, right=True).to(torch.int32)
-    prefix_max = q_pos.cummax(0).values
-    qlo = torch.searchsorted(prefix_max, k_pos).to(torch.int32)
-    return khi, qlo
+def causal_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Where the visible (query, key) pairs lie, for causal masking by positions in any order (int32):
+
+    * ``khi[i]``: one past the last key query ``i`` sees; ``kfull[i]``: keys ``[0, kfull[i])`` are all seen;
+    * ``qlo[j]``: the first query that sees key ``j``; ``qfull[j]``: queries ``[qfull[j], Sq)`` all see it.
+
+    The kernels loop only over blocks in these ranges, and skip the mask where a whole block is seen.
+    Computed on the device without a host sync, by binary search in the prefix maxima / suffix minima of
+    the positions (sorted, whatever order the positions are in)."""
+    suffix_min_k = k_pos.flip(0).cummin(0).values.flip(0)
+    prefix_max_k = k_pos.cummax(0).values
+    prefix_max_q = q_pos.cummax(0).values
+    suffix_min_q = q_pos.flip(0).cummin(0).values.flip(0)
+    khi = torch.searchsorted(suffix_min_k, q_pos, right=True)
+    kfull = torch.searchsorted(prefix_max_k, q_pos, right=True)
+    qlo = torch.searchsorted(prefix_max_q, k_pos)
+    qfull = torch.searchsorted(suffix_min_q, k_pos)
+    return tuple(t.to(torch.int32) for t in (khi, kfull, qlo, qfull))
 
 
 def _launch(autotuned, kernel, grid_of, *args, **consts):
@@ -131,9 +139,9 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     out = torch.empty_like(qf)
     lse = torch.empty(bh, sq, dtype=torch.float32, device=q.device)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
-    khi = causal_bounds(qp, kp)[0] if causal else qp
+    khi, kfull = causal_bounds(qp, kp)[:2] if causal else (qp, qp)  # (unused when not causal)
     _launch(kern.attn_fwd, kern.attn_fwd_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, out, lse, qp, kp, khi, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=upcast_loads(q.dtype), PREC=dot_precision(q.dtype))  # fmt: skip
+            qf, kf, vf, out, lse, qp, kp, khi, kfull, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=upcast_loads(q.dtype), PREC=dot_precision(q.dtype))  # fmt: skip
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
@@ -150,12 +158,12 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     delta = (dof.float() * _flat(out).float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
-    khi, qlo = causal_bounds(qp, kp) if causal else (qp, kp)
+    khi, kfull, qlo, qfull = causal_bounds(qp, kp) if causal else (qp, qp, kp, kp)  # (unused when not causal)
     consts = {"CAUSAL": causal, "D": d, "UPCAST": upcast_loads(q.dtype), "PREC": dot_precision(q.dtype)}
     _launch(kern.attn_bwd_dkdv, kern.attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bh),
-            qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, sq, sk, scale, **consts)  # fmt: skip
+            qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, qfull, sq, sk, scale, **consts)  # fmt: skip
     _launch(kern.attn_bwd_dq, kern.attn_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, dof, lsef, delta, dq, qp, kp, khi, sq, sk, scale, **consts)  # fmt: skip
+            qf, kf, vf, dof, lsef, delta, dq, qp, kp, khi, kfull, sq, sk, scale, **consts)  # fmt: skip
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
