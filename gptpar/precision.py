@@ -69,8 +69,11 @@ class DynamicLossScaler:
             grads_by_device.setdefault(g.device, []).append(g)
         found = torch.zeros(1, dtype=torch.float32, device=self.state.device)
         for device, grads in grads_by_device.items():
-            flag = unscale_check_([g if g.is_contiguous() else g.contiguous() for g in grads], 1.0 / self.scale,
-                                  torch.zeros(1, dtype=torch.float32, device=device))  # fmt: skip
+            dense = [g if g.is_contiguous() else g.contiguous() for g in grads]  # the op wants dense buffers
+            flag = unscale_check_(dense, 1.0 / self.scale, torch.zeros(1, dtype=torch.float32, device=device))
+            for g, d in zip(grads, dense, strict=True):
+                if d is not g:  # unscaled in a copy: write it back
+                    g.copy_(d)
             found = torch.maximum(found, flag.to(found.device))
         comm.all_reduce(found, self.state.world, op=comm.ReduceOp.MAX)  # every rank of every group agrees
         return bool(found.item())

@@ -277,6 +277,14 @@ def test_loss_scaler_skips_everywhere_on_overflow_backs_off_and_grows():
         DynamicLossScaler(init_parallel(ParallelLayout()), growth_factor=1.0)
 
 
+def test_loss_scaler_unscales_non_contiguous_gradients_in_place():
+    scaler = DynamicLossScaler(init_parallel(ParallelLayout()), init_scale=8.0)
+    g = torch.full((3, 4), 8.0).t()  # a transposed (non-contiguous) gradient
+    assert not g.is_contiguous()
+    assert not scaler.unscale_tensors_([g, torch.full((2,), 16.0)])
+    assert torch.equal(g, torch.ones(4, 3))
+
+
 # ---------------------------------------------------------------------------------------------- clipping
 def _clip_tp_pp():
     from gptpar.models import gather_grads
