@@ -30,8 +30,8 @@ layer and costs one more forward (compute x 4/3).
 
 Time: compute at an assumed MFU (6 N tokens FLOPs + attention), tp communication (4 all-reduces or
 all-gather/reduce-scatter pairs per layer forward+backward of ``s b h e`` bytes, ring cost
-``2 (t-1)/t`` over the intra-node link), cp ring attention K/V traffic, dp gradient all-reduce over the
-slowest link it crosses, pipeline P2P, and the pipeline bubble ``(p-1)/(m+p-1)`` (``/v`` interleaved).
+``2 (t-1)/t`` over the intra-node link), cp ring attention K/V traffic, the gradient all-reduce over dp x cp
+across the slowest link it crosses, pipeline P2P, and the pipeline bubble ``(p-1)/(m+p-1)`` (``/v`` interleaved).
 """
 
 from __future__ import annotations
@@ -175,8 +175,8 @@ def memory(config: GPTConfig, tp=1, pp=1, dp=1, cp=1, v=1, micro_batch=1, m=1, s
     n = param_count(config, tp, units)
     # AdamW's fp32 moments, plus fp32 masters when the parameters are not fp32 (ZeroAdamW always keeps them)
     optimizer = n * (8 + (4 if (param_bytes != 4 or zero1) else 0))
-    if zero1:
-        optimizer = math.ceil(optimizer / dp)
+    if zero1:  # sharded over dp x cp, the gradient-reduction group
+        optimizer = math.ceil(optimizer / (dp * cp))
     acts = activation_bytes(config, units, tp, cp, micro_batch, seq_len or config.seq_len, sp, act_bytes, recompute)
     return {
         "weights": n * param_bytes,
@@ -224,7 +224,7 @@ def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_p
         for mb, v, sp, zero1, rc in itertools.product(
             [1, 2, 4, 8], [1, 2], [False, True], [False, True], [False, True]
         ):
-            if (sp and tp == 1) or (v > 1 and pp == 1) or (zero1 and dp == 1) or global_batch % (dp * mb):
+            if (sp and tp == 1) or (v > 1 and pp == 1) or (zero1 and dp * cp == 1) or global_batch % (dp * mb):
                 continue
             m = global_batch // (dp * mb)
             if v > 1 and (m % pp or L + 2 < pp * v):
@@ -244,7 +244,8 @@ def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_p
             tp_time = per_layer * (L / pp) * m / tp_bw
             cp_time = (3 * (cp - 1) * 2 * mb * (s // cp) * h // tp * 2 * (L / pp) * m / (intra_bw if tp * cp <= gpus_per_node else inter_bw)) if cp > 1 else 0  # fmt: skip
             dp_bw = intra_bw if tp * cp * dp <= gpus_per_node else inter_bw
-            dp_time = 2 * (dp - 1) / dp * (n_total / (tp * pp)) * 2 / dp_bw if dp > 1 else 0
+            g = dp * cp  # gradients are reduced over dp x cp (cp ranks hold partial sums)
+            dp_time = 2 * (g - 1) / g * (n_total / (tp * pp)) * 2 / dp_bw if g > 1 else 0
             pp_time = (2 * m * (s // cp) * mb * h * 2 / (inter_bw if tp * cp * dp >= gpus_per_node else intra_bw)) if pp > 1 else 0  # fmt: skip
             bubble = compute * ((pp - 1) / (v * m + pp - 1)) / (1 - (pp - 1) / (v * m + pp - 1)) if pp > 1 else 0
             time = {"compute": compute, "tp": tp_time, "cp": cp_time, "dp": dp_time, "pp": pp_time, "bubble": bubble}

@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--recompute", action="store_true", help="full activation recomputation (keep one input per layer)")
     a("--precision", default="fp32", choices=PRECISIONS)
     a("--reduce-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="data-parallel gradient reduction")
-    a("--zero", action="store_true", help="ZeRO-1: shard fp32 master weights and AdamW state across dp (needs dp > 1)")
+    a(
+        "--zero",
+        action="store_true",
+        help="ZeRO-1: shard fp32 master weights and AdamW state across dp x cp (needs dp*cp > 1)",
+    )
     a("--model", default="tiny", choices=sorted(PRESETS))
     a("--n-layer", type=int)
     a("--n-head", type=int)
@@ -147,9 +151,10 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
             raise GptparConfigError(
                 f"{model.n_layer} layers + embedding + head cannot fill pp*virtual_stages = {args.pp * args.virtual_stages} stages"
             )
-    if args.zero and dp == 1:
+    if args.zero and dp * args.cp == 1:
         raise GptparConfigError(
-            "--zero shards the optimizer state across data-parallel ranks: it needs dp > 1, got dp=1"
+            f"--zero shards the optimizer state across data- and context-parallel ranks: it needs dp*cp > 1, got "
+            f"dp={dp} cp={args.cp}"
         )
     if args.batch_size % (dp * m):
         raise GptparConfigError(f"--batch-size {args.batch_size} is not divisible by dp*micro_batches = {dp}*{m}")
@@ -180,7 +185,7 @@ def worker(argv: list[str]) -> None:
     from gptpar.data import get_batch, prepare
     from gptpar.models.parallel_gpt import ParallelGPT
     from gptpar.parallel import comm
-    from gptpar.parallel.data import DataParallel, allreduce_gradients
+    from gptpar.parallel.data import DataParallel
     from gptpar.parallel.mesh import init_parallel
     from gptpar.parallel.zero import ZeroAdamW
     from gptpar.pipeline import make_pipeline
@@ -205,7 +210,12 @@ def worker(argv: list[str]) -> None:
         chunks = [ParallelGPT(cfg, st, **options)]
     params = [p for c in chunks for p in c.parameters()]
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reduce_dtype]
-    ddp = DataParallel(params, st, reduce_dtype=reduce_dtype, shard_grads=args.zero) if st.dp.size > 1 else None
+    # over dp x cp: cp ranks hold partial gradients (their tokens' share), summed in the same buckets
+    ddp = (
+        DataParallel(params, st, reduce_dtype=reduce_dtype, shard_grads=args.zero)
+        if st.dp.size * st.cp.size > 1
+        else None
+    )
     if args.zero:  # weight decay on matrices only, as the torch optimizer's two groups below
         opt = ZeroAdamW(
             ddp, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, decay=lambda p: p.dim() >= 2
@@ -297,13 +307,6 @@ def worker(argv: list[str]) -> None:
         tc = time.perf_counter()
         if ddp:
             ddp.finish()
-        if st.cp.size > 1:
-            if args.zero:  # cp ranks hold partial sums of the same slices
-                for shard in opt.grad_shards():
-                    comm.all_reduce(shard, st.cp)
-            else:
-                for c in chunks:
-                    allreduce_gradients(c, st.cp)
         comm_s += time.perf_counter() - tc
         if scaler:
             skip = scaler.unscale_tensors_(opt.grad_shards()) if args.zero else scaler.unscale_(params)

@@ -41,6 +41,7 @@ def _train_dp(layout, steps, ddp_kwargs, schedule=None):
         chunks = [ParallelGPT(CONFIG, st)]
     params = [p for c in chunks for p in c.parameters()]
     ddp = DataParallel(params, st, bucket_mb=0.05, first_bucket_mb=0.01, **ddp_kwargs)  # several buckets
+    assert ddp.group.size == st.dp.size * st.cp.size  # cp's partial gradients are summed in the same buckets
     opt = torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1)
     losses = []
     per = B // st.dp.size
@@ -66,8 +67,8 @@ def _train_dp(layout, steps, ddp_kwargs, schedule=None):
 @pytest.mark.parametrize(
     "layout, schedule",
     [(ParallelLayout(dp=2), None), (ParallelLayout(dp=4), None), (ParallelLayout(dp=2, tp=2), None),
-     (ParallelLayout(dp=2, pp=2), "1f1b")],
-    ids=["dp2", "dp4", "dp2xtp2", "dp2xpp2"],
+     (ParallelLayout(dp=2, pp=2), "1f1b"), (ParallelLayout(dp=2, cp=2), None), (ParallelLayout(cp=2), None)],
+    ids=["dp2", "dp4", "dp2xtp2", "dp2xpp2", "dp2xcp2", "cp2"],
 )  # fmt: skip
 def test_data_parallel_matches_single_process_on_global_batch(layout, schedule):
     ref_losses, ref_sd = _reference(3)
@@ -217,7 +218,10 @@ def _zero_vs_torch_adamw(layout, zero):
     return gather_state_dict(model, st.tp), torch.stack(norms)
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(dp=2), ParallelLayout(dp=2, tp=2)], ids=["dp2", "dp2xtp2"])
+@pytest.mark.parametrize(
+    "layout", [ParallelLayout(dp=2), ParallelLayout(dp=2, tp=2), ParallelLayout(dp=2, cp=2)],
+    ids=["dp2", "dp2xtp2", "dp2xcp2"],
+)
 def test_zero1_with_decay_groups_unscale_and_clipping_equals_torch_adamw(layout):
     plain = run_distributed(_zero_vs_torch_adamw, layout.world_size, layout, False)
     zero = run_distributed(_zero_vs_torch_adamw, layout.world_size, layout, True)

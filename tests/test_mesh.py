@@ -24,6 +24,9 @@ def test_rank_order_tp_fastest_then_cp_dp_pp():
     assert lay.group_ranks("cp", 5) == (5, 7)
     assert lay.group_ranks("dp", 5) == (1, 5)
     assert lay.group_ranks("pp", 5) == (5, 13)
+    assert lay.ranks_along(("dp", "cp"), 5) == (1, 3, 5, 7)  # the gradient-reduction group under cp
+    assert lay.ranks_along(("cp", "dp"), 9) == (9, 11, 13, 15)
+    assert lay.ranks_along(("tp",), 5) == lay.group_ranks("tp", 5)
 
 
 def test_for_world_infers_dp():

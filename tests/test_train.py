@@ -63,8 +63,8 @@ def test_single_process_run_learns_and_writes_its_outputs(single):
 
 @pytest.mark.parametrize(
     "layout",
-    [["--tp", "2", "--pp", "2"], ["--dp", "2", "--tp", "2"], ["--dp", "2", "--tp", "2", "--zero"]],
-    ids=["tp2xpp2", "dp2xtp2", "dp2xtp2-zero1"],
+    [["--tp", "2", "--pp", "2"], ["--dp", "2", "--tp", "2"], ["--dp", "2", "--cp", "2", "--zero"]],
+    ids=["tp2xpp2", "dp2xtp2", "dp2xcp2-zero1"],  # the last: ZeRO-1 sharded over dp x cp
 )
 def test_four_process_layouts_match_the_single_process_run_step_for_step(single, tp2pp2, tmp_path, cache, layout):
     out = tp2pp2 if layout == ["--tp", "2", "--pp", "2"] else tmp_path
@@ -191,7 +191,7 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_pat
         (["--resume"], "--resume: no checkpoint in"),
         (
             ["--nproc", "2", "--tp", "2", "--zero"],
-            "--zero shards the optimizer state across data-parallel ranks: it needs dp > 1, got dp=1",
+            "--zero shards the optimizer state across data- and context-parallel ranks: it needs dp*cp > 1, got dp=1 cp=1",
         ),
     ],
 )

@@ -150,7 +150,8 @@ class ParallelGPT(nn.Module):
     ``recompute`` (full activation recomputation: each block keeps only its input for backward);
     ``cp_impl`` ``"ring"`` or ``"ulysses"``; ``cp_sharding`` ``"zigzag"`` or ``"contiguous"``.
     With cp > 1, every parameter's gradient is partial per cp rank: sum it over cp (and dp) after
-    backward, e.g. with :func:`gptpar.parallel.data.allreduce_gradients`.
+    backward. :class:`gptpar.parallel.data.DataParallel` does it in its buckets (it reduces over dp x cp);
+    :func:`gptpar.parallel.data.allreduce_gradients` is the plain tool.
 
     ``units=(a, b)`` builds only pipeline units ``a..b-1`` of ``[embedding, block 0, ..., block L-1, head]``
     (see :mod:`gptpar.parallel.pipeline`): a stage without the embedding takes the hidden state

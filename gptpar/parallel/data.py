@@ -19,6 +19,10 @@ reduce-scatter inside the node, all-reduce across nodes on ``1/k`` of the data, 
 
 With ``shard_grads=True`` (ZeRO-1, :class:`gptpar.parallel.zero.ZeroAdamW`) buckets are reduce-scattered
 instead: rank r keeps the reduced slice r of every bucket.
+
+With context parallelism (cp > 1) the cp ranks hold partial gradients of the same parameters (each saw
+its share of the tokens), so the buckets are reduced over the dp x cp group in the same pass: summed over
+cp, averaged over dp (as Megatron's data-parallel-with-cp group). ZeRO then shards over dp x cp too.
 """
 
 from __future__ import annotations
@@ -81,18 +85,25 @@ class Bucket:
             off += k
 
 
-def _dp_hierarchy(state: ParallelState, ranks_per_node: int) -> tuple[Group | None, Group | None]:
-    """Intra-node and inter-node subgroups of every dp group (created collectively on all ranks)."""
+def _reduction_groups(state: ParallelState) -> list[tuple[int, ...]]:
+    """Every gradient-reduction group's ranks: the dp groups, or the dp x cp groups when cp > 1."""
     lay = state.layout
-    dp_groups = sorted({lay.group_ranks("dp", r) for r in range(lay.world_size)})
+    dims = ("dp", "cp") if lay.cp > 1 else ("dp",)
+    return sorted({lay.ranks_along(dims, r) for r in range(lay.world_size)})
+
+
+def _hierarchy(
+    state: ParallelState, groups: list[tuple[int, ...]], ranks_per_node: int
+) -> tuple[Group | None, Group | None]:
+    """Intra-node and inter-node subgroups of every reduction group (created collectively on all ranks)."""
     intra, inter = [], []
-    for ranks in dp_groups:
+    for ranks in groups:
         nodes: dict[int, list[int]] = {}
         for r in ranks:
             nodes.setdefault(r // ranks_per_node, []).append(r)
         local = list(nodes.values())
         if len({len(x) for x in local}) != 1:
-            raise GptparConfigError(f"dp group {ranks} spreads unevenly over nodes of {ranks_per_node} ranks")
+            raise GptparConfigError(f"reduction group {ranks} spreads unevenly over nodes of {ranks_per_node} ranks")
         intra.extend(tuple(x) for x in local)
         inter.extend(tuple(x[i] for x in local) for i in range(len(local[0])))
     return (
@@ -102,7 +113,8 @@ def _dp_hierarchy(state: ParallelState, ranks_per_node: int) -> tuple[Group | No
 
 
 class DataParallel:
-    """Bucketed, overlapped gradient reduction over ``state.dp`` for ``params`` (see module docstring).
+    """Bucketed, overlapped gradient reduction over dp (dp x cp with context parallelism) for ``params``
+    (see module docstring).
 
     Use: build it after the model (it re-points every ``.grad`` and parameter into flat buffers), run
     backward, call :meth:`finish` before the optimizer, :meth:`zero_grad` after it.
@@ -129,7 +141,9 @@ class DataParallel:
         self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
         if not self.params:
             raise GptparConfigError("DataParallel got no parameters that require gradients")
-        self.state, self.group = state, state.dp
+        self.state = state
+        groups = _reduction_groups(state)  # with cp > 1: dp x cp, reduced in one pass (see module docstring)
+        self.group = comm.new_subgroups(state.world, groups, "dp_cp") if state.cp.size > 1 else state.dp
         self.reduce_dtype, self.error_feedback, self.shard_grads, self.average = (
             reduce_dtype, error_feedback, shard_grads, average,
         )  # fmt: skip
@@ -150,7 +164,7 @@ class DataParallel:
                     f"hierarchical reduction needs a dp group spanning several nodes with several dp ranks each; "
                     f"dp ranks {list(self.group.ranks)} with ranks_per_node={ranks_per_node} do not"
                 )
-            self.intra, self.inter = _dp_hierarchy(state, ranks_per_node)
+            self.intra, self.inter = _hierarchy(state, groups, ranks_per_node)
         self.hierarchical = hierarchical
         self._no_sync = False
         self._build(bucket_mb, first_bucket_mb, p)
@@ -219,8 +233,7 @@ class DataParallel:
         self._progress(block=False)
 
     def _launch(self, b: Bucket) -> None:
-        p = self.group.size
-        scale = 1.0 / p if self.average else 1.0
+        scale = 1.0 / self.state.dp.size if self.average else 1.0  # summed over cp, averaged over dp
         if self.reduce_dtype == torch.float32 and b.grad.dtype == torch.float32:
             if scale != 1.0:
                 b.grad.mul_(scale)

@@ -17,6 +17,7 @@ across tp draws from the base seed advanced identically on every tp rank.
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ class ParallelLayout:
             raise GptparConfigError(f"unknown parallel dimension {dim!r}; expected one of {DIM_ORDER}")
         c = self.coords(rank)
         return tuple(self.rank_of(**{**c, dim: i}) for i in range(getattr(self, dim)))
+
+    def ranks_along(self, dims: tuple[str, ...], rank: int) -> tuple[int, ...]:
+        """The global ranks that share ``rank``'s coordinates except along ``dims`` (e.g. ``("dp", "cp")``:
+        its data x context group), ascending."""
+        for dim in dims:
+            if dim not in DIM_ORDER:
+                raise GptparConfigError(f"unknown parallel dimension {dim!r}; expected one of {DIM_ORDER}")
+        c = self.coords(rank)
+        sizes = [range(getattr(self, d)) for d in dims]
+        return tuple(
+            sorted(self.rank_of(**{**c, **dict(zip(dims, idx, strict=True))}) for idx in itertools.product(*sizes))
+        )
 
     def validate_model(self, config: Any) -> None:
         """Check that a model config can be split this way; raises :class:`GptparConfigError` naming the rule.
