@@ -143,7 +143,9 @@ class DataParallel:
             raise GptparConfigError("DataParallel got no parameters that require gradients")
         self.state = state
         groups = _reduction_groups(state)  # with cp > 1: dp x cp, reduced in one pass (see module docstring)
-        self.group = comm.new_subgroups(state.world, groups, "dp_cp") if state.cp.size > 1 else state.dp
+        if state.cp.size > 1 and "dp_cp" not in state.groups:  # created once per state, collectively
+            state.groups["dp_cp"] = comm.new_subgroups(state.world, groups, "dp_cp")
+        self.group = state.groups["dp_cp"] if state.cp.size > 1 else state.dp
         self.reduce_dtype, self.error_feedback, self.shard_grads, self.average = (
             reduce_dtype, error_feedback, shard_grads, average,
         )  # fmt: skip
