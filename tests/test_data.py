@@ -219,7 +219,8 @@ def _zero_vs_torch_adamw(layout, zero):
 
 
 @pytest.mark.parametrize(
-    "layout", [ParallelLayout(dp=2), ParallelLayout(dp=2, tp=2), ParallelLayout(dp=2, cp=2)],
+    "layout",
+    [ParallelLayout(dp=2), ParallelLayout(dp=2, tp=2), ParallelLayout(dp=2, cp=2)],
     ids=["dp2", "dp2xtp2", "dp2xcp2"],
 )
 def test_zero1_with_decay_groups_unscale_and_clipping_equals_torch_adamw(layout):

@@ -77,6 +77,18 @@ def test_four_process_layouts_match_the_single_process_run_step_for_step(single,
     assert got[-1]["val_loss"] == pytest.approx(want[-1]["val_loss"], rel=1e-5)
 
 
+def test_fp16_with_loss_scaling_and_zero1_tracks_the_fp32_run(single, tmp_path, cache):
+    """fp16 end to end (autocast, dynamic loss scaling, unscale and clipping on ZeRO-1's gradient shards):
+    the loss follows the fp32 single-process run to fp16 accuracy. (CPU fp16 matmuls are slow: tiny model.)"""
+    train(tmp_path, "--nproc", "2", "--dp", "2", "--zero", "--precision", "fp16", cache=cache)
+    want, got = losses(single), losses(tmp_path)
+    assert [r["step"] for r in got] == list(range(1, 21))
+    assert all(r["loss_scale"] == 2.0**16 and not r["skipped"] for r in got)
+    for w, g in zip(want, got, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=2e-2), (g["step"], g["loss"], w["loss"])
+    assert got[-1]["loss"] < got[0]["loss"] - 1.0
+
+
 def _reshard(folder, tp):
     from gptpar import ParallelLayout, init_parallel
     from gptpar.models import ParallelGPT, gather_state_dict
