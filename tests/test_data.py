@@ -7,7 +7,7 @@ from gpt_helpers import batch, close
 from gptpar import GPT, GPTConfig, GptparConfigError, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.models import gather_state_dict
 from gptpar.parallel import comm
-from gptpar.parallel.data import DataParallel
+from gptpar.parallel.data import DataParallel, allreduce_gradients
 from gptpar.parallel.zero import ZeroAdamW
 from gptpar.precision import DynamicLossScaler, clip_grad_norm_, global_grad_norm
 from gptpar.testing import run_distributed
@@ -119,6 +119,49 @@ def test_low_precision_reduce_error_is_bounded_and_does_not_grow_with_ranks(dtyp
 
 def test_error_feedback_runs_and_stays_bounded():
     assert run_distributed(_reduce_error, 2, torch.bfloat16, True)[0] <= 2 * 2.0**-8
+
+
+def _any_completion_order(dtype, hierarchical):
+    """Real backward passes whose buckets' collectives each rank sees complete at its own (random) times."""
+    import random
+
+    st = init_parallel(ParallelLayout(dp=4))
+    torch.manual_seed(0)
+    ref = ParallelGPT(CONFIG, st)
+    torch.manual_seed(0)
+    model = ParallelGPT(CONFIG, st)
+    idx, tgt = batch(CONFIG, seed=st.dp.rank, b=2)
+    ref(idx, tgt)[1].backward()
+    allreduce_gradients(ref, st.dp, average=True)
+    kw = {"ranks_per_node": 2, "hierarchical": True} if hierarchical else {}
+    ddp = DataParallel(model, st, reduce_dtype=dtype, bucket_mb=0.002, first_bucket_mb=0.001, **kw)
+    rng = random.Random(st.rank)
+    real_done = comm.Pending.done
+    comm.Pending.done = lambda self: real_done(self) and rng.random() < 0.5
+    try:
+        errs = []
+        for _ in range(3):
+            model(idx, tgt)[1].backward()
+            ddp.finish()
+            errs.append(max(((p.grad - r.grad).abs().max() / r.grad.abs().max()).item()
+                            for p, r in zip(model.parameters(), ref.parameters(), strict=True)))  # fmt: skip
+            ddp.zero_grad()
+    finally:
+        comm.Pending.done = real_done
+    return len(ddp.buckets), max(errs)
+
+
+@pytest.mark.parametrize(
+    "dtype, hierarchical, tol",
+    [(torch.bfloat16, False, 2 * 2.0**-8), (torch.float32, True, 1e-6)],
+    ids=["bf16-two-phase", "fp32-hierarchical-three-phase"],
+)
+def test_reduction_is_right_whatever_order_ranks_see_collectives_complete(dtype, hierarchical, tol):
+    # Each process group must see its collectives issued in the same order on every rank; a later phase
+    # issued as soon as *this* rank saw the earlier one complete would interleave differently per rank
+    # (and hang). Later phases go in launch order, each phase on its own group.
+    for n_buckets, err in run_distributed(_any_completion_order, 4, dtype, hierarchical, timeout=120):
+        assert n_buckets > 8 and err <= tol, (n_buckets, err)
 
 
 def _hierarchical(hierarchical):

@@ -173,6 +173,20 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor
     return out.movedim(0, dim)
 
 
+def reduce_scatter_async(flat: torch.Tensor, group: Group) -> Pending:
+    """Start a reduce-scatter of a 1-D ``flat`` (length divisible by the group size); ``wait()`` returns
+    this rank's summed ``1/size`` slice."""
+    if group.size == 1:
+        return Pending(None, "reduce_scatter", group, flat)
+    if flat.numel() % group.size:
+        raise GptparConfigError(
+            f"reduce_scatter on group '{group.name}': {flat.numel()} elements are not divisible by {group.size}"
+        )
+    out = torch.empty(flat.numel() // group.size, dtype=flat.dtype, device=flat.device)
+    _count("reduce_scatter", (group.size - 1) / group.size * _nbytes(flat))
+    return Pending(_reduce_scatter_single(out, flat, group=group.pg, async_op=True), "reduce_scatter", group, out)
+
+
 def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     """Sum over ranks, then keep this rank's ``1/size`` slice along ``dim``."""
     if group.size == 1:

@@ -71,8 +71,10 @@ class Bucket:
     param: torch.Tensor  # the same range of the flat parameter buffer
     numel: int  # without padding
     pending: int = 0
-    stage: int = 0  # 0 idle, 1 first collective in flight, 2 second in flight, 3 done
-    work: object = None
+    launched: bool = False
+    phases: tuple = ()  # the reduction's steps: each takes the previous collective's output (see _plan)
+    issued: int = 0  # how many phases have been issued
+    work: object = None  # the collective in flight (comm.Pending), or None
     residual: torch.Tensor | None = None  # error feedback (fp32, scaled units)
     shard: torch.Tensor | None = None  # ZeRO: this rank's reduced slice (fp32)
 
@@ -85,6 +87,10 @@ class Bucket:
             off += k
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
 def _reduction_groups(state: ParallelState) -> list[tuple[int, ...]]:
     """Every gradient-reduction group's ranks: the dp groups, or the dp x cp groups when cp > 1."""
     lay = state.layout
@@ -94,8 +100,9 @@ def _reduction_groups(state: ParallelState) -> list[tuple[int, ...]]:
 
 def _hierarchy(
     state: ParallelState, groups: list[tuple[int, ...]], ranks_per_node: int
-) -> tuple[Group | None, Group | None]:
-    """Intra-node and inter-node subgroups of every reduction group (created collectively on all ranks)."""
+) -> tuple[Group | None, Group | None, Group | None]:
+    """Intra-node and inter-node subgroups of every reduction group, and a second intra-node group for the
+    last phase (created collectively on all ranks)."""
     intra, inter = [], []
     for ranks in groups:
         nodes: dict[int, list[int]] = {}
@@ -109,6 +116,7 @@ def _hierarchy(
     return (
         comm.new_subgroups(state.world, intra, "dp_intra_node"),
         comm.new_subgroups(state.world, inter, "dp_inter_node"),
+        comm.new_subgroups(state.world, intra, "dp_intra_node_2"),  # the all-gather phase's own group
     )
 
 
@@ -159,15 +167,23 @@ class DataParallel:
             raise GptparConfigError(
                 "hierarchical reduction is implemented for fp32 all-reduce (not ZeRO, not low precision)"
             )
-        self.intra = self.inter = None
+        self.intra = self.inter = self.intra2 = None
         if hierarchical:
             if not spans_nodes or local_dp == 1:
                 raise GptparConfigError(
                     f"hierarchical reduction needs a dp group spanning several nodes with several dp ranks each; "
                     f"dp ranks {list(self.group.ranks)} with ranks_per_node={ranks_per_node} do not"
                 )
-            self.intra, self.inter = _hierarchy(state, groups, ranks_per_node)
+            self.intra, self.inter, self.intra2 = _hierarchy(state, groups, ranks_per_node)
         self.hierarchical = hierarchical
+        # the low-precision all-gather phase runs on its own clone of the reduction group (see _plan)
+        low = reduce_dtype != torch.float32 or any(prm.dtype != torch.float32 for prm in self.params)
+        self.group2 = None
+        if low and not shard_grads:
+            key = f"{self.group.name}_allgather"
+            if key not in state.groups:
+                state.groups[key] = comm.new_subgroups(state.world, groups, key)
+            self.group2 = state.groups[key]
         self._no_sync = False
         self._build(bucket_mb, first_bucket_mb, p)
         for prm in self.params:
@@ -212,8 +228,9 @@ class DataParallel:
         self._reset_pending()
 
     def _reset_pending(self) -> None:
+        self._launched: list[Bucket] = []  # this step's buckets, in launch order
         for b in self.buckets:
-            b.pending, b.stage, b.work = len(b.params), 0, None
+            b.pending, b.launched, b.phases, b.issued, b.work = len(b.params), False, (), 0, None
 
     # -- hooks and progress
     @contextlib.contextmanager
@@ -230,72 +247,74 @@ class DataParallel:
             return
         b = self.bucket_of[id(prm)]
         b.pending -= 1
-        if b.pending == 0 and b.stage == 0:
+        if b.pending == 0 and not b.launched:
             self._launch(b)
         self._progress(block=False)
 
-    def _launch(self, b: Bucket) -> None:
+    # A bucket's reduction is a chain of collectives ("phases"). Every rank must issue the collectives of
+    # one process group in the same order, but ranks see collectives complete at different times. So:
+    # first phases are issued at launch (buckets launch in autograd's order, the same on every rank);
+    # phase k > 0 of a bucket is issued only after every earlier-launched bucket with a phase k has issued
+    # its own; and each phase index uses its own process group (phase 0 the reduction group, phase 1 a
+    # second group or the inter-node group, phase 2 a second intra-node group).
+    def _plan(self, b: Bucket) -> tuple:
+        """``(first collective, then-steps...)``: each then-step takes the previous collective's output and
+        returns the next collective (a ``comm.Pending``) or None when the bucket is reduced."""
+        p = self.group.size
         scale = 1.0 / self.state.dp.size if self.average else 1.0  # summed over cp, averaged over dp
-        if self.reduce_dtype == torch.float32 and b.grad.dtype == torch.float32:
-            if scale != 1.0:
-                b.grad.mul_(scale)
+        fp32 = self.reduce_dtype == torch.float32 and b.grad.dtype == torch.float32
+
+        def sum_slices(out):  # every rank's copy of my slice, summed in fp32
+            slice_sum = out.view(p, -1).float().sum(0)
             if self.shard_grads:
-                b.work = comm.all_to_all_async(b.grad, self.group)  # then a local fp32 sum of the slices
-            elif self.hierarchical:  # synchronous: its three collectives chain
-                self._hierarchical_allreduce(b.grad)
-                b.stage = 3
-                return
-            else:
-                b.work = comm.all_reduce_async(b.grad, self.group)
-            b.stage = 1
-            return
-        low = pack_cast([b.grad], scale, self.reduce_dtype, b.residual)
-        b.work = comm.all_to_all_async(low, self.group)
-        b.stage = 1
+                b.shard = slice_sum
+                return None
+            return comm.all_gather_async(slice_sum.to(self.reduce_dtype), self.group2)
+
+        def unpack(gathered):
+            b.grad.zero_()
+            unpack_accumulate(gathered, [b.grad], 1.0)  # low precision -> the bucket's dtype, one pass
+
+        if not fp32:
+            low = pack_cast([b.grad], scale, self.reduce_dtype, b.residual)
+            return (comm.all_to_all_async(low, self.group), sum_slices, unpack)
+        if scale != 1.0:
+            b.grad.mul_(scale)
+        if self.shard_grads:
+            return (comm.all_to_all_async(b.grad, self.group), sum_slices)
+        if self.hierarchical:  # reduce-scatter in the node, all-reduce across nodes on 1/k, all-gather in the node
+            return (
+                comm.reduce_scatter_async(b.grad, self.intra),
+                lambda part: comm.all_reduce_async(part, self.inter),
+                lambda part: comm.all_gather_async(part, self.intra2),
+                lambda full: _copy(b.grad, full),
+            )
+        return (comm.all_reduce_async(b.grad, self.group), lambda _: None)
+
+    def _launch(self, b: Bucket) -> None:
+        first, *then = self._plan(b)
+        b.launched, b.work, b.phases, b.issued = True, first, tuple(then), 1
+        self._launched.append(b)
 
     def _progress(self, block: bool) -> None:
-        for b in self.buckets:
-            if b.stage == 1 and (block or b.work.done()):
-                self._stage2(b)
-            if b.stage == 2 and (block or b.work.done()):
-                self._stage3(b)
-
-    def _stage2(self, b: Bucket) -> None:
-        p = self.group.size
-        out = b.work.wait()
-        if self.reduce_dtype == torch.float32 and not self.shard_grads:
-            b.stage = 3  # all-reduced in place
-            return
-        slice_sum = out.view(p, -1).float().sum(0)  # every rank's copy of my slice, summed in fp32
-        if self.shard_grads:
-            b.shard = slice_sum
-            b.stage = 3
-            return
-        b.work = comm.all_gather_async(slice_sum.to(self.reduce_dtype), self.group)
-        b.stage = 2
-
-    def _stage3(self, b: Bucket) -> None:
-        gathered = b.work.wait()
-        b.grad.zero_()
-        unpack_accumulate(gathered, [b.grad], 1.0)  # low precision -> the bucket's dtype, one pass
-        b.stage = 3
-
-    def _hierarchical_allreduce(self, flat: torch.Tensor) -> None:
-        k = self.intra.size
-        n = flat.numel()
-        pad = (-n) % k
-        x = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
-        part = comm.reduce_scatter(x, self.intra, 0)  # inside the node
-        comm.all_reduce(part, self.inter)  # across nodes, 1/k of the data
-        full = comm.all_gather(part, self.intra, 0)  # inside the node
-        flat.copy_(full[:n])
+        """Issue every next phase that may be issued now (see above); ``block``: wait for all of them."""
+        for k in range(max((len(b.phases) for b in self._launched), default=0)):
+            for b in self._launched:
+                if len(b.phases) <= k or b.issued > k + 1:
+                    continue  # no such step, or already past it
+                if b.issued < k + 1 or not (block or b.work.done()):
+                    break  # an earlier bucket goes first on this phase's group
+                nxt = b.phases[k](b.work.wait())
+                b.work, b.issued = nxt, b.issued + 1
+                if nxt is None:
+                    b.phases = b.phases[: k + 1]  # reduced
 
     def finish(self) -> None:
         """Launch whatever has not been launched (e.g. after :meth:`no_sync`, or parameters that received no
         gradient) and wait for every bucket. After it, ``.grad`` holds the reduced gradients (with
         ``shard_grads``, each bucket's ``shard`` holds this rank's reduced slice)."""
         for b in self.buckets:
-            if b.stage == 0:
+            if not b.launched:
                 self._launch(b)
         self._progress(block=True)
         self._reset_pending()
