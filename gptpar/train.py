@@ -158,8 +158,6 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
         )
     if args.batch_size % (dp * m):
         raise GptparConfigError(f"--batch-size {args.batch_size} is not divisible by dp*micro_batches = {dp}*{m}")
-    if args.recompute and model.dropout > 0:
-        raise GptparConfigError("--recompute with --dropout > 0 is not supported (dropout masks would not replay)")
     if args.cp > 1 and model.dropout > 0:
         raise GptparConfigError(
             "--dropout > 0 is not supported with --cp > 1 (attention dropout under context parallelism)"

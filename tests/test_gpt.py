@@ -130,18 +130,28 @@ def test_activation_recompute_matches_reference(options):
     assert_matches_reference(results, train_reference(config, steps=2), f"tp=2 {options}")
 
 
-def _recompute_dropout():
+def _recompute_dropout(sp):
+    """The same training step with and without recomputation, dropout on: recomputation must replay every
+    mask (the default generator's and the tensor-parallel stream's), so loss and gradients are identical."""
     st = init_parallel(ParallelLayout(tp=2))
-    try:
-        ParallelGPT(
-            GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=4, d_model=32, dropout=0.1), st, recompute=True
-        )
-    except GptparConfigError as e:
-        return str(e)
+    config = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32, dropout=0.3)
+    out = []
+    for recompute in (False, True):
+        model = ParallelGPT(config, st, recompute=recompute, sequence_parallel=sp).train()
+        torch.manual_seed(7)
+        _, loss = model(*batch(config, seed=0, b=2))
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = out
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    return l0
 
 
-def test_recompute_with_dropout_is_refused():
-    assert "recompute with dropout=0.1 is not supported" in run_distributed(_recompute_dropout, 2)[0]
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2+sp"])
+def test_recompute_with_dropout_replays_the_same_masks(sp):
+    losses = run_distributed(_recompute_dropout, 2, sp)
+    assert torch.isfinite(losses[0])
 
 
 def _bf16_autocast(sp):

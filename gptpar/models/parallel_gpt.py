@@ -187,11 +187,6 @@ class ParallelGPT(nn.Module):
             raise GptparConfigError(
                 f"Ulysses needs the heads per tp rank (n_head/tp = {config.n_head}/{tp.size}) divisible by cp={cp.size}"
             )
-        if recompute and config.dropout > 0:
-            raise GptparConfigError(
-                f"recompute with dropout={config.dropout} is not supported: the tensor-parallel dropout stream "
-                "would not replay the same masks; set dropout=0"
-            )
         self.recompute = recompute
         seq_shards(config.seq_len, cp.size, cp_sharding, tp.size if sequence_parallel else 1)  # validates now
         n_units = config.n_layer + 2
@@ -297,7 +292,9 @@ class ParallelGPT(nn.Module):
             if self.recompute and self.training and torch.is_grad_enabled():
                 # Full-layer recomputation: keep only each block's input; the backward re-runs the block
                 # (its collectives included, in the same order on every rank).
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                # Dropout replays: checkpoint restores the default generator, the tracker its own stream.
+                replay = {"context_fn": self.rng.checkpoint_contexts} if self.rng is not None else {}
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **replay)
             else:
                 x = block(x)
         if not self.has_head:

@@ -45,3 +45,24 @@ class TPRngTracker:
         finally:
             self._state = self._get()
             self._set(outer)
+
+    def checkpoint_contexts(self):
+        """``(forward, recompute)`` context managers for ``torch.utils.checkpoint``'s ``context_fn``: the
+        recomputation replays this stream from where the forward found it (so dropout draws the same masks),
+        then leaves the stream where it was. (``checkpoint`` itself replays the default generator.)"""
+        saved: list[torch.Tensor] = []
+
+        @contextlib.contextmanager
+        def forward():
+            saved.append(self._state.clone())
+            yield
+
+        @contextlib.contextmanager
+        def recompute():
+            current, self._state = self._state, saved[0].clone()
+            try:
+                yield
+            finally:
+                self._state = current
+
+        return forward(), recompute()
