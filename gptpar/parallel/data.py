@@ -171,8 +171,9 @@ class DataParallel:
         if hierarchical:
             if not spans_nodes or local_dp == 1:
                 raise GptparConfigError(
-                    f"hierarchical reduction needs a dp group spanning several nodes with several dp ranks each; "
-                    f"dp ranks {list(self.group.ranks)} with ranks_per_node={ranks_per_node} do not"
+                    f"hierarchical reduction needs a reduction group (dp, or dp x cp) spanning several nodes with "
+                    f"several of its ranks on each; ranks {list(self.group.ranks)} with ranks_per_node={ranks_per_node} "
+                    "do not"
                 )
             self.intra, self.inter, self.intra2 = _hierarchy(state, groups, ranks_per_node)
         self.hierarchical = hierarchical

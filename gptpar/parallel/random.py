@@ -54,12 +54,12 @@ class TPRngTracker:
 
         @contextlib.contextmanager
         def forward():
-            saved.append(self._state.clone())
+            saved.append(self._state)  # fork() replaces the state tensor, never writes into it
             yield
 
         @contextlib.contextmanager
         def recompute():
-            current, self._state = self._state, saved[0].clone()
+            current, self._state = self._state, saved[0]
             try:
                 yield
             finally:

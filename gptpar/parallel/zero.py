@@ -129,8 +129,9 @@ class ZeroAdamW:
             v.zero_()
 
     def state_dict(self) -> dict:
-        """This rank's slices: master weights, both moments, and the step count."""
-        return {"t": self.t, "lr": self.lr, "slices": [[x.clone() for x in s[2:]] for s in self.slices]}
+        """This rank's slices: master weights, both moments, and the step count (references, as a torch
+        optimizer's state_dict: saving it copies nothing extra)."""
+        return {"t": self.t, "lr": self.lr, "slices": [list(s[2:]) for s in self.slices]}
 
     @torch.no_grad()
     def load_state_dict(self, d: dict) -> None:
