@@ -95,12 +95,12 @@ class DynamicLossScaler:
         self.scale, self.good_steps, self.skipped = float(d["scale"]), int(d["good_steps"]), int(d["skipped"])
 
 
-def counts_toward_norm(p: torch.Tensor, state: ParallelState) -> bool:
-    """Whether this rank's copy of ``p`` adds to the global gradient norm: tp-sharded parameters on every tp
-    rank, tp-replicated ones on tp rank 0 only, never a pipeline-tied second copy."""
-    if getattr(p, "pipeline_tied_copy", False):
-        return False
-    return getattr(p, "tp_dim", None) is not None or state.tp.rank == 0
+def norm_span(p: torch.Tensor, state: ParallelState) -> tuple[int, int]:
+    """The flat elements of this rank's copy of ``p`` that add to the global gradient norm
+    (:func:`gptpar.parallel.tensor.norm_span`: every element counted once across tp and pipeline copies)."""
+    from gptpar.parallel.tensor import norm_span as span
+
+    return span(p, state.tp.rank)
 
 
 @torch.no_grad()
@@ -113,8 +113,9 @@ def global_grad_norm(params, state: ParallelState) -> torch.Tensor:
     """
     sq = torch.zeros((), dtype=torch.float32, device=state.device)
     for p in params:
-        if p.grad is not None and counts_toward_norm(p, state):
-            sq += p.grad.detach().float().pow(2).sum()
+        lo, hi = norm_span(p, state) if p.grad is not None else (0, 0)
+        if hi > lo:
+            sq += p.grad.detach().reshape(-1)[lo:hi].float().pow(2).sum()
     comm.all_reduce(sq, state.tp)
     comm.all_reduce(sq, state.pp)
     return sq.sqrt()

@@ -1,6 +1,7 @@
 """Flash attention (forward and backward) that returns the log-sum-exp and masks by global positions.
 
-Shapes: q ``[BH, Sq, D]``, k/v ``[BH, Sk, D]`` (batch and heads flattened, contiguous), positions
+Shapes: q ``[BH, Sq, D]``, k/v ``[BH/GROUP, Sk, D]`` (batch and heads flattened, contiguous; grouped-query
+attention: query head ``bh`` reads K/V head ``bh // GROUP``, with no repeated copy of K/V), positions
 ``qpos [Sq]``, ``kpos [Sk]`` (int64; a key is visible iff ``qpos >= kpos`` when causal). Online softmax in
 fp32 (base 2, the scale folded into ``log2(e)``); a row that sees no key gets ``out = 0``, ``lse = -inf``
 (so ring attention can merge it away). Backward recomputes the probabilities from the LSE
@@ -72,7 +73,7 @@ def _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, KFull, Sq, Sk, scale, CAUSAL: tl.constexpr,
+def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, KFull, Sq, Sk, scale, GROUP, CAUSAL: tl.constexpr,
                     D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -81,8 +82,9 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, KFull, Sq, Sk, scale, CA
     offs_d = tl.arange(0, D)
     qmask = offs_m < Sq
     q = _load(Q + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], qmask[:, None], UPCAST)
-    k_base = K + bh * Sk * D + offs_d[None, :]
-    v_base = V + bh * Sk * D + offs_d[None, :]
+    kvh = bh // GROUP
+    k_base = K + kvh * Sk * D + offs_d[None, :]
+    v_base = V + kvh * Sk * D + offs_d[None, :]
     qk_scale = scale * 1.4426950408889634
     full, hi = _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL, BLOCK_N)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
@@ -135,9 +137,10 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, Delta, QPos, KPos, offs_m, of
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, QFull, Sq, Sk, scale,
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, QFull, Sq, Sk, scale, GROUP,
                          CAUSAL: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One K/V block of K/V head ``bh``: its dK/dV summed over the ``GROUP`` query heads that read it."""
     pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -145,9 +148,6 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, QFull
     kmask = offs_n < Sk
     k = _load(K + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], kmask[:, None], UPCAST)
     v = _load(V + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], kmask[:, None], UPCAST)
-    q_base = Q + bh * Sq * D + offs_d[None, :]
-    do_base = DO + bh * Sq * D + offs_d[None, :]
-    lse_base, delta_base = LSE + bh * Sq, Delta + bh * Sq
     qk_scale = scale * 1.4426950408889634
     # queries [lo, full) may see part of this key block (masked); [full, Sq) see all of it (unmasked)
     lo = 0
@@ -159,12 +159,17 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, QFull
         full = tl.maximum(((full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    for start in range(lo, full, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0, offs_n,
-                            kmask, Sq, qk_scale, D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
-    for start in range(full, Sq, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0, offs_n,
-                            kmask, Sq, qk_scale, D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
+    for g in range(GROUP):
+        qh = bh * GROUP + g
+        q_base = Q + qh * Sq * D + offs_d[None, :]
+        do_base = DO + qh * Sq * D + offs_d[None, :]
+        lse_base, delta_base = LSE + qh * Sq, Delta + qh * Sq
+        for start in range(lo, full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0,
+                                offs_n, kmask, Sq, qk_scale, D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
+        for start in range(full, Sq, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0,
+                                offs_n, kmask, Sq, qk_scale, D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
     dk = dk * scale
     tl.store(DK + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(DV + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
@@ -183,7 +188,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, offs_n,
 
 
 @triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, KFull, Sq, Sk, scale, CAUSAL: tl.constexpr,
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, KFull, Sq, Sk, scale, GROUP, CAUSAL: tl.constexpr,
                        D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -193,8 +198,9 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, KFull, Sq, 
     qmask = offs_m < Sq
     q = _load(Q + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], qmask[:, None], UPCAST)
     do = _load(DO + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], qmask[:, None], UPCAST)
-    k_base = K + bh * Sk * D + offs_d[None, :]
-    v_base = V + bh * Sk * D + offs_d[None, :]
+    kvh = bh // GROUP
+    k_base = K + kvh * Sk * D + offs_d[None, :]
+    v_base = V + kvh * Sk * D + offs_d[None, :]
     lse = tl.load(LSE + bh * Sq + offs_m, mask=qmask, other=float("inf"))
     lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)

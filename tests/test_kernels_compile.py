@@ -42,6 +42,7 @@ def _attention_types(dt: str) -> dict:
             "Sq": "i32",
             "Sk": "i32",
             "scale": "fp32",
+            "GROUP": "i32",
         }
     )
     return t

@@ -1,5 +1,7 @@
-"""The reference GPT: a plain-torch, single-device GPT-2-style decoder. The ground truth every parallel
-layout is tested against.
+"""The reference GPT: a plain-torch, single-device decoder, GPT-2 style (learned positions, LayerNorm, GeLU)
+or Llama style (rotary positions, grouped-query attention, RMSNorm, SwiGLU, untied head; Qwen2's q/k/v
+bias, Qwen3's per-head q/k norm). The ground truth every parallel layout is tested against; given the
+same weights it computes what Hugging Face transformers' GPT-2 / Llama / Qwen2 / Mistral models compute.
 
 Shapes: ``idx [b, s]`` token ids -> ``logits [b, s, V]``; the residual stream is ``[b, s, h]``.
 Parameter names are shared with :class:`gptpar.models.parallel_gpt.ParallelGPT`, so state dicts map 1:1
@@ -18,13 +20,23 @@ import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
 from gptpar.ops.mlp import ACTIVATIONS, apply_activation
+from gptpar.ops.rope import ROPE_SCALING_KEYS, apply_rope, rope_inv_freq, rope_tables
 
 NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
 
 
 @dataclass
 class GPTConfig:
-    """A GPT's shape and options. ``ffn_hidden`` defaults to ``4 * d_model``."""
+    """A GPT's shape and options. ``ffn_hidden`` defaults to ``4 * d_model``, ``head_dim`` to
+    ``d_model / n_head``, ``n_kv_head`` to ``n_head`` (fewer: grouped-query attention; 1: multi-query),
+    ``qkv_bias`` to ``bias``.
+
+    ``position``: ``"learned"`` (GPT-2's position table) or ``"rope"`` (rotary, ``rope_theta``; optional
+    Llama 3 ``rope_scaling`` with keys ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``). ``qk_norm``: RMSNorm over each head's q and k before the rotation
+    (Qwen3, OLMo 2 style per head). ``seq_len`` is the longest sequence the model takes.
+    """
 
     vocab_size: int = 512
     seq_len: int = 128
@@ -39,18 +51,56 @@ class GPTConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.d_model
-        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "ffn_hidden"):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "ffn_hidden", "n_kv_head"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise GptparConfigError(f"{name}={v!r} is invalid: it must be a positive integer")
-        if self.d_model % self.n_head:
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise GptparConfigError(
+                    f"d_model={self.d_model} is not divisible by n_head={self.n_head} (head_dim must be whole; "
+                    "or set head_dim explicitly)"
+                )
+            self.head_dim = self.d_model // self.n_head
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise GptparConfigError(f"head_dim={self.head_dim!r} is invalid: it must be a positive integer")
+        if self.n_head % self.n_kv_head:
             raise GptparConfigError(
-                f"d_model={self.d_model} is not divisible by n_head={self.n_head} (head_dim must be whole)"
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head} "
+                "(grouped-query attention: each K/V head serves a whole number of query heads)"
             )
+        if self.position not in POSITIONS:
+            raise GptparConfigError(f"position={self.position!r} is unknown; expected one of {POSITIONS}")
+        if self.position == "rope":
+            if self.head_dim % 2:
+                raise GptparConfigError(f"head_dim={self.head_dim} must be even for rotary positions (position='rope')")
+            if not self.rope_theta > 0:
+                raise GptparConfigError(f"rope_theta={self.rope_theta} is invalid: it must be positive")
+        if self.rope_scaling is not None:
+            if self.position != "rope":
+                raise GptparConfigError(f"rope_scaling={self.rope_scaling} needs position='rope' (got {self.position!r})")
+            keys = set(self.rope_scaling)
+            if keys != set(ROPE_SCALING_KEYS):
+                raise GptparConfigError(
+                    f"rope_scaling keys {sorted(keys)} are not Llama 3 scaling's {sorted(ROPE_SCALING_KEYS)}"
+                )
+        if self.qk_norm and self.norm != "rmsnorm":
+            raise GptparConfigError(f"qk_norm=True needs norm='rmsnorm' (got norm={self.norm!r})")
         if self.activation not in ACTIVATIONS:
             raise GptparConfigError(f"activation={self.activation!r} is unknown; expected one of {ACTIVATIONS}")
         if self.norm not in NORMS:
@@ -59,8 +109,19 @@ class GPTConfig:
             raise GptparConfigError(f"dropout={self.dropout} is invalid: it must be in [0, 1)")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def q_size(self) -> int:
+        """Width of the queries (and of the attention output): ``n_head * head_dim``."""
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of the keys (= of the values): ``n_kv_head * head_dim``."""
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def qkv_chunks(self) -> int | tuple[int, int, int]:
+        """The fused q|k|v weight's tensor-parallel block spec: 3 equal blocks, or heads per block (GQA)."""
+        return 3 if self.n_kv_head == self.n_head else (self.n_head, self.n_kv_head, self.n_kv_head)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,9 +140,12 @@ class GPTConfig:
         b = 1 if self.bias else 0
         norm = h * (2 if (self.norm == "layernorm" and self.bias) else 1)
         fc_out = 2 * f if self.activation == "swiglu" else f
-        per_layer = 2 * norm + (3 * h * h + 3 * h * b) + (h * h + h * b) + (fc_out * h + fc_out * b) + (f * h + h * b)
+        qkv = self.q_size + 2 * self.kv_size
+        attn = qkv * h + (qkv if self.qkv_bias else 0) + self.q_size * h + h * b + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = 2 * norm + attn + (fc_out * h + fc_out * b) + (f * h + h * b)
         head = 0 if self.tie_embeddings else v * h
-        return v * h + self.seq_len * h + L * per_layer + norm + head
+        wpe = self.seq_len * h if self.position == "learned" else 0
+        return v * h + wpe + L * per_layer + norm + head
 
 
 PRESETS: dict[str, dict] = {
@@ -92,6 +156,28 @@ PRESETS: dict[str, dict] = {
     "gpt2-large": dict(vocab_size=50304, seq_len=1024, n_layer=36, n_head=20, d_model=1280),
     "gpt2-xl": dict(vocab_size=50304, seq_len=1024, n_layer=48, n_head=25, d_model=1600),
 }
+_LLAMA = dict(position="rope", activation="swiglu", norm="rmsnorm", bias=False, tie_embeddings=False)
+_LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+PRESETS.update({  # the published configs' shapes (config.json of each model)
+    # a CPU-sized Llama 3 for tests and the demo: GQA (8 query heads, 2 K/V heads), scaled RoPE
+    "llama-tiny": dict(vocab_size=512, seq_len=128, n_layer=4, n_head=8, n_kv_head=2, d_model=128, ffn_hidden=352,
+                       rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, **_LLAMA),
+    "smollm-135m": dict(vocab_size=49152, seq_len=2048, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
+                        ffn_hidden=1536, **{**_LLAMA, "tie_embeddings": True}),
+    "tinyllama-1.1b": dict(vocab_size=32000, seq_len=2048, n_layer=22, n_head=32, n_kv_head=4, d_model=2048,
+                           ffn_hidden=5632, **_LLAMA),
+    "qwen2.5-0.5b": dict(vocab_size=151936, seq_len=32768, n_layer=24, n_head=14, n_kv_head=2, d_model=896,
+                         ffn_hidden=4864, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                         **{**_LLAMA, "tie_embeddings": True}),
+    "llama3-8b": dict(vocab_size=128256, seq_len=8192, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                      ffn_hidden=14336, rope_theta=500000.0, **_LLAMA),
+    "llama3.1-8b": dict(vocab_size=128256, seq_len=131072, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                        ffn_hidden=14336, rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, **_LLAMA),
+    "mistral-7b": dict(vocab_size=32768, seq_len=32768, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                       ffn_hidden=14336, rope_theta=1000000.0, **_LLAMA),  # v0.3: no sliding window
+    "llama3-70b": dict(vocab_size=128256, seq_len=8192, n_layer=80, n_head=64, n_kv_head=8, d_model=8192,
+                       ffn_hidden=28672, rope_theta=500000.0, **_LLAMA),
+})  # fmt: skip
 
 
 def preset(name: str, **overrides) -> GPTConfig:
@@ -118,12 +204,14 @@ class FusedRMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps if self.eps is not None else 1e-5)
 
 
-def make_norm(config: GPTConfig, device=None, dtype=None, fused: bool = False) -> nn.Module:
-    """The config's norm; ``fused`` picks gptpar's op (the reference model keeps torch's own)."""
+def make_norm(config: GPTConfig, device=None, dtype=None, fused: bool = False, size: int | None = None) -> nn.Module:
+    """The config's norm over ``size`` (default ``d_model``); ``fused`` picks gptpar's op (the reference
+    model keeps torch's own)."""
+    size = config.d_model if size is None else size
     if config.norm == "rmsnorm":
-        return (FusedRMSNorm if fused else nn.RMSNorm)(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
+        return (FusedRMSNorm if fused else nn.RMSNorm)(size, eps=config.norm_eps, device=device, dtype=dtype)
     cls = FusedLayerNorm if fused else nn.LayerNorm
-    return cls(config.d_model, eps=config.norm_eps, bias=config.bias, device=device, dtype=dtype)
+    return cls(size, eps=config.norm_eps, bias=config.bias, device=device, dtype=dtype)
 
 
 def mlp_activation(config: GPTConfig, h: torch.Tensor) -> torch.Tensor:
@@ -132,21 +220,33 @@ def mlp_activation(config: GPTConfig, h: torch.Tensor) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention, multi-head or grouped-query. ``[b, s, h] -> [b, s, h]``; ``rope``: the
+    ``(cos, sin) [s, head_dim/2]`` tables of the tokens' positions (rotary models)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.qkv = nn.Linear(config.d_model, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.q_size, config.d_model, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = make_norm(config, size=config.head_dim)
+            self.k_norm = make_norm(config, size=config.head_dim)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        nh, hd = self.config.n_head, self.config.head_dim
-        q, k, v = self.qkv(x).split(h, dim=-1)
-        q, k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in (q, k, v))
-        p = self.config.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, s, h)))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        c = self.config
+        q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(b, s, c.n_head, c.head_dim).transpose(1, 2)
+        k, v = (t.view(b, s, c.n_kv_head, c.head_dim).transpose(1, 2) for t in (k, v))
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        p = c.dropout if self.training else 0.0
+        gqa = c.n_kv_head != c.n_head
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, s, c.q_size)))
 
 
 class MLP(nn.Module):
@@ -170,8 +270,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -182,7 +282,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.seq_len, config.d_model)
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.seq_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -194,14 +295,26 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
         check_sequence(idx, self.config)
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        rope = rope_for(self.config, pos, x.device)
+        if rope is None:
+            x = x + self.wpe(pos)
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
         return logits, loss
+
+
+def rope_for(config: GPTConfig, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rotary ``(cos, sin) [s, head_dim/2]`` fp32 tables at ``positions``, or None for learned positions."""
+    if config.position != "rope":
+        return None
+    inv = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
+    return rope_tables(positions.to(device), inv)
 
 
 def check_sequence(idx: torch.Tensor, config: GPTConfig) -> None:
@@ -225,7 +338,7 @@ def full_init_value(name: str, shape: tuple[int, ...], config: GPTConfig, seed: 
     the value independent of construction order and of how the model is split.
     """
     leaf = name.rsplit(".", 1)[-1]
-    if ".ln_" in f".{name}" or name.startswith("ln_f"):
+    if ".ln_" in f".{name}" or name.startswith("ln_f") or "_norm." in name:
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if leaf == "bias":
         return torch.zeros(shape)
@@ -239,13 +352,13 @@ def full_init_value(name: str, shape: tuple[int, ...], config: GPTConfig, seed: 
 @torch.no_grad()
 def init_gpt_weights(model: nn.Module, config: GPTConfig, seed: int, tp_size: int = 1, tp_rank: int = 0) -> None:
     """Initialise every parameter of a reference or tensor-parallel GPT to its shard of the same full value."""
-    from gptpar.parallel.tensor import shard_tensor, tp_spec
+    from gptpar.parallel.tensor import full_length, shard_tensor, tp_spec
 
     for name, p in model.named_parameters():
         dim, chunks = tp_spec(p)
         shape = list(p.shape)
         if dim is not None:
-            shape[dim] *= tp_size
+            shape[dim] = full_length(shape[dim], chunks, tp_size)
         if name == "lm_head.weight" and config.tie_embeddings:
             name = "wte.weight"  # a pipeline's last stage holds its own copy of the tied embedding
         full = full_init_value(name, tuple(shape), config, seed)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from gptpar.errors import GptparConfigError
-from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm
+from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm, rope_for
+from gptpar.ops.rope import rope_qkv
 from gptpar.parallel import comm
 from gptpar.parallel.context import SeqShard, ring_attention, seq_shards, ulysses_attention
 from gptpar.parallel.mesh import Group, ParallelState
@@ -29,6 +30,7 @@ from gptpar.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    head_split,
     mark_sequence_parallel,
     shard_tensor,
     tp_spec,
@@ -40,10 +42,14 @@ CP_IMPLS = ("ring", "ulysses")
 
 
 class ParallelSelfAttention(nn.Module):
-    """Causal self-attention over this rank's ``n_head/tp`` heads and, with cp, its share of the tokens.
+    """Causal self-attention over this rank's ``n_head/tp`` query heads (and the K/V heads they read) and,
+    with cp, its share of the tokens.
 
     ``[s', b, h] -> [s', b, h]`` where ``s'`` is this rank's tokens (``s/cp``, and ``/tp`` again with
-    sequence parallelism).
+    sequence parallelism). Grouped-query attention: K/V heads are split over tp when tp divides
+    ``n_kv_head``; when tp is a multiple of it, each K/V head lives on the tp/n_kv_head ranks whose query
+    heads read it, and its weight gradient is summed over exactly those ranks (``state.tp_subgroup``).
+    Rotary positions rotate q and k at each token's global position (:attr:`rope`, set per forward).
     """
 
     def __init__(
@@ -58,14 +64,21 @@ class ParallelSelfAttention(nn.Module):
         group = state.tp
         self.config, self.group, self.cp, self.rng, self.cp_impl = config, group, state.cp, rng, cp_impl
         self.local_heads = config.n_head // group.size
+        self.local_kv_heads, sharing = head_split(config.n_kv_head, group.size)
         self.shards: list[SeqShard] | None = None  # set by ParallelGPT.forward for the current sequence
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of this rank's tokens, ditto
         sp = sequence_parallel
         self.qkv = ColumnParallelLinear(
-            config.d_model, 3 * config.d_model, bias=config.bias, group=group, chunks=3, sequence_parallel=sp
-        )
-        self.proj = RowParallelLinear(
-            config.d_model, config.d_model, bias=config.bias, group=group, sequence_parallel=sp
-        )
+            config.d_model, config.q_size + 2 * config.kv_size, bias=config.qkv_bias, group=group,
+            chunks=config.qkv_chunks, sequence_parallel=sp,
+            shared_group=state.tp_subgroup(sharing) if sharing > 1 else None,
+        )  # fmt: skip
+        self.proj = RowParallelLinear(config.q_size, config.d_model, bias=config.bias, group=group, sequence_parallel=sp)
+        if config.qk_norm:  # replicated weights applied to this rank's heads: gradients summed over tp
+            self.q_norm = make_norm(config, fused=True, size=config.head_dim)
+            self.k_norm = make_norm(config, fused=True, size=config.head_dim)
+            for prm in (self.q_norm.weight, self.k_norm.weight):
+                mark_sequence_parallel(prm, group)
         self.resid_drop = nn.Dropout(config.dropout)
 
     def _core(self, q, k, v):
@@ -74,18 +87,24 @@ class ParallelSelfAttention(nn.Module):
             if self.cp_impl == "ulysses":
                 return ulysses_attention(q, k, v, self.cp, self.shards, causal=True)
             return ring_attention(q, k, v, self.cp, self.shards, causal=True)[0]
+        gqa = k.shape[1] != q.shape[1]
         if p > 0.0:  # attention dropout: SDPA, on this tp rank's own RNG stream (its heads' masks are its own)
             with self.rng.fork() if self.rng is not None else contextlib.nullcontext():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
         # One rank holds the whole sequence and needs no log-sum-exp: torch's fused SDPA kernel (it saves the
         # same q, k, v, out and lse as gptpar.ops.attention, and is faster than the matmul reference op).
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
-        nh, hd = self.local_heads, self.config.head_dim
-        q, k, v = (t.view(s, b, nh, hd).permute(1, 2, 0, 3) for t in qkv.chunk(3, dim=-1))  # [b, nh, s, hd]
+        nh, nkv, hd = self.local_heads, self.local_kv_heads, self.config.head_dim
+        qkv = qkv.view(s, b, nh + 2 * nkv, hd)
+        if self.config.qk_norm:
+            qkv = torch.cat([self.q_norm(qkv[:, :, :nh]), self.k_norm(qkv[:, :, nh : nh + nkv]), qkv[:, :, nh + nkv :]], 2)
+        if self.rope is not None:
+            qkv = rope_qkv(qkv, *self.rope, nh + nkv)  # q and k heads, one pass (Triton on GPUs)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in qkv.split([nh, nkv, nkv], dim=2))  # [b, heads, s, hd]
         y = self._core(q, k, v).permute(2, 0, 1, 3).reshape(s, b, nh * hd)
         return self.resid_drop(self.proj(y))
 
@@ -183,10 +202,18 @@ class ParallelGPT(nn.Module):
                 f"dropout={config.dropout} with cp={cp.size}: attention dropout is not supported under context "
                 "parallelism (ring/Ulysses attention never materialises the probabilities); set dropout=0"
             )
-        if cp.size > 1 and cp_impl == "ulysses" and (config.n_head // tp.size) % cp.size:
-            raise GptparConfigError(
-                f"Ulysses needs the heads per tp rank (n_head/tp = {config.n_head}/{tp.size}) divisible by cp={cp.size}"
-            )
+        if cp.size > 1 and cp_impl == "ulysses":
+            if (config.n_head // tp.size) % cp.size:
+                raise GptparConfigError(
+                    f"Ulysses needs the heads per tp rank (n_head/tp = {config.n_head}/{tp.size}) divisible by "
+                    f"cp={cp.size}"
+                )
+            kv_local = head_split(config.n_kv_head, tp.size)[0]
+            if kv_local % cp.size and cp.size % kv_local:
+                raise GptparConfigError(
+                    f"Ulysses with {kv_local} K/V head(s) per tp rank (n_kv_head={config.n_kv_head}, tp={tp.size}) "
+                    f"and cp={cp.size}: cp must divide them or be a multiple of them (K/V heads then replicated)"
+                )
         self.recompute = recompute
         seq_shards(config.seq_len, cp.size, cp_sharding, tp.size if sequence_parallel else 1)  # validates now
         n_units = config.n_layer + 2
@@ -205,7 +232,8 @@ class ParallelGPT(nn.Module):
         sp = self.sequence_parallel
         if self.has_embedding:
             self.wte = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp, sequence_parallel=sp)
-            self.wpe = nn.Embedding(config.seq_len, config.d_model)
+            if config.position == "learned":
+                self.wpe = nn.Embedding(config.seq_len, config.d_model)
             self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleDict(
             {
@@ -224,7 +252,7 @@ class ParallelGPT(nn.Module):
                 self.lm_head.weight.pipeline_tied_copy = True  # the second copy: count it once in norms
         init_gpt_weights(self, config, seed, tp.size, tp.rank)
         if sp:  # parameters used on this rank's tokens only: all-reduce their gradients over tp
-            if self.has_embedding:
+            if self.has_embedding and config.position == "learned":
                 mark_sequence_parallel(self.wpe.weight, tp)
             for m in self.modules():
                 if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
@@ -257,10 +285,11 @@ class ParallelGPT(nn.Module):
         if self.cp.size > 1:
             idx = idx.index_select(1, pos)
         x = self.wte(idx.t())  # [s', b, h]; reduce-scattered along s with SP
-        if self.sequence_parallel:
-            n = x.shape[0]
-            pos = pos[self.tp.rank * n : (self.tp.rank + 1) * n]
-        x = x + self.wpe(pos).unsqueeze(1)
+        if self.config.position == "learned":
+            if self.sequence_parallel:
+                n = x.shape[0]
+                pos = pos[self.tp.rank * n : (self.tp.rank + 1) * n]
+            x = x + self.wpe(pos).unsqueeze(1)
         if self.sequence_parallel and self.rng is not None and self.training:
             with self.rng.fork():  # each tp rank holds different tokens: their dropout masks are its own
                 return self.drop(x)
@@ -287,8 +316,10 @@ class ParallelGPT(nn.Module):
             x = idx
             seq_len = x.shape[0] * self.cp.size * (self.tp.size if self.sequence_parallel else 1)
         shards = self._shards(seq_len)
+        # rotary tables at this rank's tokens' global positions (the whole cp shard: SP gathers it first)
+        rope = rope_for(self.config, shards[self.cp.rank].positions(), self.state.device) if self.blocks else None
         for block in self.blocks.values():
-            block.attn.shards = shards
+            block.attn.shards, block.attn.rope = shards, rope
             if self.recompute and self.training and torch.is_grad_enabled():
                 # Full-layer recomputation: keep only each block's input; the backward re-runs the block
                 # (its collectives included, in the same order on every rank).

@@ -1,6 +1,8 @@
 """Attention that returns the log-sum-exp, the building block of ring attention.
 
-``q [b, h, sq, d]``, ``k, v [b, h, sk, d]`` -> ``out [b, h, sq, d]``, ``lse [b, h, sq]`` (fp32, natural log).
+``q [b, h, sq, d]``, ``k, v [b, hkv, sk, d]`` -> ``out [b, h, sq, d]``, ``lse [b, h, sq]`` (fp32, natural log).
+Grouped-query attention: ``hkv`` divides ``h`` and query head ``i`` reads K/V head ``i // (h / hkv)``; K and
+V are never repeated in memory (the reference broadcasts, the kernels index), and dK/dV sum over the group.
 Masking is by global token positions: with ``causal``, query at position ``q_pos[i]`` sees key at
 ``k_pos[j]`` iff ``q_pos[i] >= k_pos[j]``. Positions let a ring-attention step mask a K/V block that came
 from another rank, whatever the sharding (contiguous or zig-zag). A query row that sees no key gets
@@ -29,8 +31,22 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per K/V head (1: multi-head; ``h``: multi-query); checks the shapes agree."""
+    h, hkv = q.shape[-3], k.shape[-3]
+    if hkv < 1 or h % hkv or q.shape[:-3] != k.shape[:-3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} do not fit (heads {h} vs {hkv})")
+    return h // hkv
+
+
+def _grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``[..., h, s, d] -> [..., hkv, h/hkv, s, d]`` (a view when possible)."""
+    return t.reshape(*t.shape[:-3], hkv, t.shape[-3] // hkv, *t.shape[-2:])
+
+
 def _scores(qf, kf, causal, q_pos, k_pos, scale):
-    """Scaled scores ``q k^T`` and the visibility mask ``[sq, sk]`` (None when nothing is masked)."""
+    """Scaled scores ``q k^T`` and the visibility mask ``[sq, sk]`` (None when nothing is masked). ``qf`` is
+    grouped ``[..., hkv, g, sq, d]``, ``kf`` ``[..., hkv, 1, sk, d]``."""
     scale = 1.0 / math.sqrt(qf.shape[-1]) if scale is None else scale
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if not causal:
@@ -51,14 +67,16 @@ def reference_attention_forward(
     """Plain-torch attention forward, accumulating in fp32 (or the inputs' dtype if wider); returns
     ``(out in q's dtype, lse)``."""
     acc = _acc(q)
-    s, mask = _scores(q.to(acc), k.to(acc), causal, q_pos, k_pos, scale)
+    kv_group(q, k)
+    hkv = k.shape[-3]
+    s, mask = _scores(_grouped(q.to(acc), hkv), k.to(acc).unsqueeze(-3), causal, q_pos, k_pos, scale)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # Rows with no visible key: lse = -inf; subtracting it would give nan, so use 0 there (p = 0 anyway).
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
-    out = torch.matmul(p, v.to(acc))
-    return out.to(q.dtype), lse
+    out = torch.matmul(p, v.to(acc).unsqueeze(-3))
+    return out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
 
 
 def reference_attention_backward(
@@ -76,18 +94,22 @@ def reference_attention_backward(
     """Gradients of one (q, k/v block) pair given the final ``out``/``lse`` of the rows of ``q``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = _acc(q)
-    qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    kv_group(q, k)
+    hkv = k.shape[-3]
+    qf, dof = _grouped(q.to(acc), hkv), _grouped(dout.to(acc), hkv)
+    kf, vf = k.to(acc).unsqueeze(-3), v.to(acc).unsqueeze(-3)
+    lse = _grouped(lse.unsqueeze(-1), hkv).squeeze(-1)
     s, mask = _scores(qf, kf, causal, q_pos, k_pos, scale)
     safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # p = 0 on empty rows
     p = torch.exp(s - safe_lse.unsqueeze(-1))
     if mask is not None:
         p = p.masked_fill(~mask, 0.0)
-    dv = torch.matmul(p.transpose(-1, -2), dof)
-    delta = (dof * out.to(acc)).sum(dim=-1, keepdim=True)
+    dv = torch.matmul(p.transpose(-1, -2), dof).sum(-3)  # summed over the query heads sharing a K/V head
+    delta = (dof * _grouped(out.to(acc), hkv)).sum(dim=-1, keepdim=True)
     ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
     dq = torch.matmul(ds, kf) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dk = torch.matmul(ds.transpose(-1, -2), qf).sum(-3) * scale
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 INTERPRETER_BLOCK = 32  # block sizes under TRITON_INTERPRET (on GPUs they are autotuned)
@@ -140,8 +162,9 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     lse = torch.empty(bh, sq, dtype=torch.float32, device=q.device)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     khi, kfull = causal_bounds(qp, kp)[:2] if causal else (qp, qp)  # (unused when not causal)
+    group = kv_group(q, k)
     _launch(kern.attn_fwd, kern.attn_fwd_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, out, lse, qp, kp, khi, kfull, sq, sk, scale, CAUSAL=causal, D=d, UPCAST=upcast_loads(q.dtype), PREC=dot_precision(q.dtype))  # fmt: skip
+            qf, kf, vf, out, lse, qp, kp, khi, kfull, sq, sk, scale, group, CAUSAL=causal, D=d, UPCAST=upcast_loads(q.dtype), PREC=dot_precision(q.dtype))  # fmt: skip
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
@@ -160,10 +183,12 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     khi, kfull, qlo, qfull = causal_bounds(qp, kp) if causal else (qp, qp, kp, kp)  # (unused when not causal)
     consts = {"CAUSAL": causal, "D": d, "UPCAST": upcast_loads(q.dtype), "PREC": dot_precision(q.dtype)}
-    _launch(kern.attn_bwd_dkdv, kern.attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bh),
-            qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, qfull, sq, sk, scale, **consts)  # fmt: skip
+    group = kv_group(q, k)
+    bhkv = kf.shape[0]
+    _launch(kern.attn_bwd_dkdv, kern.attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bhkv),
+            qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, qfull, sq, sk, scale, group, **consts)  # fmt: skip
     _launch(kern.attn_bwd_dq, kern.attn_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, dof, lsef, delta, dq, qp, kp, khi, kfull, sq, sk, scale, **consts)  # fmt: skip
+            qf, kf, vf, dof, lsef, delta, dq, qp, kp, khi, kfull, sq, sk, scale, group, **consts)  # fmt: skip
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 

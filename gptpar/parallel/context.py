@@ -222,13 +222,23 @@ def ulysses_attention(
     causal: bool = True,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """DeepSpeed-Ulysses attention over ``group`` (cp). In ``q, k, v [b, h, s/p, d]``, out ``[b, h, s/p, d]``.
-    Collectives: three all-to-alls forward (q, k, v) and one back (out); the same, reversed, in backward."""
-    if q.shape[1] % group.size:
+    """DeepSpeed-Ulysses attention over ``group`` (cp). In ``q [b, h, s/p, d]``, ``k, v [b, hkv, s/p, d]``,
+    out ``[b, h, s/p, d]``. Collectives: three all-to-alls forward (q, k, v) and one back (out); the same,
+    reversed, in backward. Grouped-query K/V heads are split across cp with their query heads; with fewer
+    K/V heads than cp, each is repeated to one per cp rank first (its gradient sums back)."""
+    p = group.size
+    if q.shape[1] % p:
         raise GptparConfigError(
-            f"Ulysses attention needs the local heads ({q.shape[1]}) divisible by cp={group.size}: heads are split across cp"
+            f"Ulysses attention needs the local heads ({q.shape[1]}) divisible by cp={p}: heads are split across cp"
         )
-    if group.size == 1:
+    hkv = k.shape[1]
+    if hkv % p:
+        if p % hkv:
+            raise GptparConfigError(
+                f"Ulysses attention with {hkv} K/V heads and cp={p}: cp must divide them or be a multiple of them"
+            )
+        k, v = k.repeat_interleave(p // hkv, dim=1), v.repeat_interleave(p // hkv, dim=1)
+    if p == 1:
         return attention(q, k, v, causal, None, None, scale)[0]
     q, k, v = (comm.all_to_all_region(t, group, scatter_dim=1, gather_dim=2) for t in (q, k, v))
     pos = torch.cat([s.positions() for s in shards])  # the gathered sequence, in rank order

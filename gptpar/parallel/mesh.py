@@ -133,6 +133,12 @@ class ParallelLayout:
         problems = []
         if config.n_head % self.tp:
             problems.append(f"n_head={config.n_head} is not divisible by tp={self.tp} (attention is split by heads)")
+        n_kv = getattr(config, "n_kv_head", None) or config.n_head
+        if n_kv % self.tp and self.tp % n_kv:
+            problems.append(
+                f"n_kv_head={n_kv} and tp={self.tp}: tp must divide the K/V heads, or be a multiple of them "
+                "(each K/V head is then replicated on the tp/n_kv_head ranks whose query heads use it)"
+            )
         if config.vocab_size % self.tp:
             problems.append(
                 f"vocab_size={config.vocab_size} is not divisible by tp={self.tp} "
@@ -211,6 +217,26 @@ class ParallelState:
     def world(self) -> Group:
         """Every rank (for decisions that must agree everywhere, e.g. skipping a step on overflow)."""
         return self.groups["world"]
+
+    def tp_subgroup(self, size: int) -> Group:
+        """The ``size`` consecutive ranks of this rank's tp group that hold it (e.g. the ranks sharing a K/V
+        head when tp > n_kv_head). Collective the first time for a ``size``: every rank of the world creates
+        every such group, in the same order (model construction runs on every rank)."""
+        tp = self.tp
+        if size < 1 or tp.size % size:
+            raise GptparConfigError(f"a tp subgroup of {size} ranks does not divide the tp group of {tp.size}")
+        if size == tp.size:
+            return tp
+        key = f"tp/{size}"
+        if key not in self.groups:
+            mine = None
+            for first in range(0, self.world_size, size):  # tp groups are runs of consecutive ranks
+                ranks = tuple(range(first, first + size))
+                pg = dist.new_group(list(ranks), timeout=tp.timeout) if size > 1 else None
+                if self.rank in ranks:
+                    mine = Group(key, pg, ranks, ranks.index(self.rank), self.rank, tp.timeout)
+            self.groups[key] = mine
+        return self.groups[key]
 
     def seed_for(self, purpose: str) -> int:
         """Seeds per coordinate: ``'params'`` (same on all ranks), ``'tp_local'`` (differs across tp only),

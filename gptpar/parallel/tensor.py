@@ -32,36 +32,124 @@ from gptpar.parallel.wgrad import (
 
 
 # ---------------------------------------------------------------------------------------------- sharding
-def set_tp_spec(param: torch.Tensor, dim: int | None, chunks: int = 1) -> torch.Tensor:
+# A spec is ``(dim, chunks)``. ``chunks`` is either an int k (``dim`` holds k equal blocks, each split
+# across tp) or a tuple of head counts, one per block (``dim`` holds blocks of ``heads * unit`` rows, unit =
+# size / sum(heads)): a block whose heads divide by tp is split across tp; a block with fewer heads than tp
+# (tp a multiple of them) keeps one head per rank, each head on the tp/heads consecutive ranks whose query
+# heads use it (grouped-query attention's K/V when tp > n_kv_head, Megatron's rule). The spec does not
+# depend on tp, so checkpoints record it once and reshard to any tp.
+Chunks = int | tuple[int, ...]
+
+
+def set_tp_spec(param: torch.Tensor, dim: int | None, chunks: Chunks = 1) -> torch.Tensor:
     """Mark ``param`` as split along ``dim`` across tp (``None``: replicated across tp)."""
     param.tp_dim = dim
-    param.tp_chunks = chunks
+    param.tp_chunks = chunks if isinstance(chunks, int) else tuple(int(c) for c in chunks)
     return param
 
 
-def tp_spec(param: torch.Tensor) -> tuple[int | None, int]:
+def tp_spec(param: torch.Tensor) -> tuple[int | None, Chunks]:
     return getattr(param, "tp_dim", None), getattr(param, "tp_chunks", 1)
 
 
-def shard_tensor(full: torch.Tensor, dim: int | None, chunks: int, size: int, rank: int) -> torch.Tensor:
+def head_split(heads: int, size: int) -> tuple[int, int]:
+    """``(heads per rank, ranks sharing each head)`` for ``heads`` heads over a tp group of ``size``."""
+    if heads % size == 0:
+        return heads // size, 1
+    if size % heads == 0:
+        return 1, size // heads
+    raise GptparConfigError(
+        f"{heads} heads cannot be split over tp={size}: tp must divide the heads, or be a multiple of them "
+        "(each head then replicated on tp/heads ranks)"
+    )
+
+
+def _blocks(length: int, chunks: Chunks) -> list[tuple[int, int]]:
+    """``(rows, heads)`` per block of a dimension of ``length`` under ``chunks``."""
+    if isinstance(chunks, int):
+        if length % chunks:
+            raise GptparConfigError(f"dimension of {length} is not divisible by chunks={chunks}")
+        return [(length // chunks, 0)] * chunks
+    total = sum(chunks)
+    if length % total:
+        raise GptparConfigError(f"dimension of {length} is not divisible into {total} heads {tuple(chunks)}")
+    unit = length // total
+    return [(h * unit, h) for h in chunks]
+
+
+def local_length(length: int, chunks: Chunks, size: int) -> int:
+    """This rank's length of a dimension of ``length`` split under ``chunks`` across ``size`` ranks."""
+    if isinstance(chunks, int):
+        if length % (chunks * size):
+            raise GptparConfigError(
+                f"dimension of {length} (in {chunks} block(s)) is not divisible by chunks*tp = {chunks}*{size}: "
+                "each block's rows are split across tp"
+            )
+        return length // size
+    return sum(rows // heads * head_split(heads, size)[0] for rows, heads in _blocks(length, chunks))
+
+
+def full_length(local: int, chunks: Chunks, size: int) -> int:
+    """Inverse of :func:`local_length`: the full length of a dimension of which a rank holds ``local``."""
+    if isinstance(chunks, int):
+        return local * size
+    return local // sum(head_split(h, size)[0] for h in chunks) * sum(chunks)
+
+
+def shard_tensor(full: torch.Tensor, dim: int | None, chunks: Chunks, size: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s piece of ``full`` under spec (``dim``, ``chunks``) for a group of ``size``."""
     if dim is None or size == 1:
         return full.clone()
-    if full.shape[dim] % (chunks * size):
+    if isinstance(chunks, int) and full.shape[dim] % (chunks * size):
         raise GptparConfigError(
             f"cannot shard a tensor of shape {tuple(full.shape)}: dim {dim} ({full.shape[dim]}) is not divisible by "
             f"chunks*tp = {chunks}*{size}"
         )
-    blocks = full.chunk(chunks, dim=dim)
-    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim).contiguous()
+    out = []
+    at = 0
+    for rows, heads in _blocks(full.shape[dim], chunks):
+        block = full.narrow(dim, at, rows)
+        at += rows
+        if heads == 0:
+            out.append(block.chunk(size, dim=dim)[rank])
+        else:
+            per_rank, sharing = head_split(heads, size)
+            out.append(block.chunk(heads // per_rank, dim=dim)[rank // sharing])
+    return torch.cat(out, dim=dim).contiguous()
 
 
-def unshard_tensor(pieces: list[torch.Tensor], dim: int | None, chunks: int) -> torch.Tensor:
+def unshard_tensor(pieces: list[torch.Tensor], dim: int | None, chunks: Chunks) -> torch.Tensor:
     """Inverse of :func:`shard_tensor`: the full tensor from every rank's piece (in rank order)."""
     if dim is None or len(pieces) == 1:
         return pieces[0].clone()
-    per_rank = [p.chunk(chunks, dim=dim) for p in pieces]
-    return torch.cat([torch.cat([pr[c] for pr in per_rank], dim=dim) for c in range(chunks)], dim=dim)
+    size = len(pieces)
+    if isinstance(chunks, int):
+        per_rank = [p.chunk(chunks, dim=dim) for p in pieces]
+        return torch.cat([torch.cat([pr[c] for pr in per_rank], dim=dim) for c in range(chunks)], dim=dim)
+    unit_local = pieces[0].shape[dim] // sum(head_split(h, size)[0] for h in chunks)
+    out, at = [], 0
+    for heads in chunks:
+        per_rank, sharing = head_split(heads, size)
+        n = per_rank * unit_local
+        out.extend(pieces[r].narrow(dim, at, n) for r in range(0, size, sharing))
+        at += n
+    return torch.cat(out, dim=dim)
+
+
+def replicated_rows(local: int, chunks: Chunks, size: int) -> tuple[int, int]:
+    """For a local dimension of ``local`` rows under a head spec over ``size`` ranks: ``(leading rows that are
+    this rank's alone, ranks sharing each row after them)``; ``(local, 1)`` when nothing is replicated.
+    Replicated blocks come last (K/V after Q) and are shared by equally many ranks."""
+    if isinstance(chunks, int):
+        return local, 1
+    splits = [head_split(h, size) for h in chunks]
+    unit = local // sum(per_rank for per_rank, _ in splits)
+    first = next((i for i, (_, s) in enumerate(splits) if s > 1), len(splits))
+    sharing = {s for _, s in splits[first:]}
+    if len(sharing) > 1 or 1 in sharing:
+        raise GptparConfigError(f"head spec {chunks} over tp={size}: replicated blocks must come last, equally shared")
+    distinct = sum(per_rank for per_rank, _ in splits[:first]) * unit
+    return distinct, (sharing.pop() if sharing else 1)
 
 
 def _check_divisible(what: str, value: int, group: Group) -> int:
@@ -80,7 +168,10 @@ class ColumnParallelLinear(nn.Module):
     (backward: reduce-scatter), replacing the all-reduce; ``seq_dim`` names the sequence dimension (0 for
     Megatron's ``[s, b, h]``, 1 for batch-first models).
     ``chunks``: the output holds that many logical blocks (fused q/k/v = 3, fused gate/up = 2), each split
-    separately across tp.
+    separately across tp; or a tuple of head counts per block (grouped-query q|k|v: ``(n_head, n_kv_head,
+    n_kv_head)``), see :func:`head_split`. Rows replicated over a few tp ranks (K/V heads when tp >
+    n_kv_head) need ``shared_group``, the subgroup of ranks holding the same rows: their gradients are
+    partial (each rank's query heads only) and are summed over it as they are produced.
     ``activation``: ``"gelu"`` (tanh) or ``"swiglu"`` (over the gate|up blocks, ``chunks=2``; the output is
     half as wide) applied in the GEMM's epilogue (:mod:`gptpar.ops.mlp`, fused Triton kernel on GPUs) and
     differentiated at the start of its backward.
@@ -94,10 +185,11 @@ class ColumnParallelLinear(nn.Module):
         *,
         group: Group,
         gather_output: bool = False,
-        chunks: int = 1,
+        chunks: Chunks = 1,
         sequence_parallel: bool = False,
         seq_dim: int = 0,
         activation: str | None = None,
+        shared_group: Group | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -108,25 +200,28 @@ class ColumnParallelLinear(nn.Module):
                 raise GptparConfigError(f"activation='swiglu' needs the gate|up blocks: chunks=2, got chunks={chunks}")
         if sequence_parallel and gather_output:
             raise GptparConfigError("ColumnParallelLinear: gather_output and sequence_parallel cannot be combined")
-        if out_features % chunks:
-            raise GptparConfigError(f"out_features={out_features} is not divisible by chunks={chunks}")
-        if (out_features // chunks) % group.size:
+        local_out = local_length(out_features, chunks, group.size)
+        distinct, sharing = replicated_rows(local_out, chunks, group.size)
+        if sharing > 1 and (shared_group is None or shared_group.size != sharing):
             raise GptparConfigError(
-                f"out_features={out_features} (in {chunks} block(s)) is not divisible by the '{group.name}' group size "
-                f"{group.size}: each block's rows are split across tp"
+                f"ColumnParallelLinear: head spec {chunks} replicates rows over {sharing} tp ranks: pass their "
+                f"subgroup as shared_group (got {shared_group})"
             )
         self.in_features, self.out_features = in_features, out_features
         self.group, self.gather_output, self.chunks = group, gather_output, chunks
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         self.activation = activation
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features // group.size, in_features, **factory))
+        self.weight = nn.Parameter(torch.empty(local_out, in_features, **factory))
         set_tp_spec(self.weight, 0, chunks)
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features // group.size, **factory))
+            self.bias = nn.Parameter(torch.empty(local_out, **factory))
             set_tp_spec(self.bias, 0, chunks)
         else:
             self.register_parameter("bias", None)
+        if sharing > 1:
+            for prm in self.parameters():
+                mark_shared_rows(prm, distinct, shared_group)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -318,6 +413,40 @@ def mark_sequence_parallel(param: torch.Tensor, group: Group) -> torch.Tensor:
     return param
 
 
+def mark_shared_rows(param: torch.Tensor, start: int, group: Group) -> torch.Tensor:
+    """Rows ``start:`` of ``param`` are the same on every rank of ``group`` (a subgroup of tp: K/V heads
+    replicated because tp > n_kv_head) but each rank's gradient for them is partial: sum it over ``group``
+    as it is produced (Megatron's rule). Rows before ``start`` are this rank's own. The norm counts the
+    shared rows once (:func:`norm_span`)."""
+    if group.size > 1:
+        param.shared_rows = (start, group.rank)
+
+        def reduce(g: torch.Tensor) -> torch.Tensor:
+            g = g.clone()
+            g[start:] = comm.all_reduce(g[start:].contiguous(), group)
+            return g
+
+        param.grad_reduce = reduce  # also applied to deferred grads
+        param.register_hook(reduce)
+    return param
+
+
+def norm_span(param: torch.Tensor, tp_rank: int) -> tuple[int, int]:
+    """The flat elements ``[lo, hi)`` of ``param`` (and its gradient) this tp rank adds to a global norm, so
+    that across tp every element counts once: all of a tp-sharded parameter; a tp-replicated one on tp
+    rank 0 only; rows shared by a tp subgroup (:func:`mark_shared_rows`) on the subgroup's first rank only;
+    never a pipeline-tied second copy."""
+    n = param.numel()
+    if getattr(param, "pipeline_tied_copy", False):
+        return 0, 0
+    if getattr(param, "tp_dim", None) is None:
+        return (0, n) if tp_rank == 0 else (0, 0)
+    shared = getattr(param, "shared_rows", None)
+    if shared is not None and shared[1] != 0:
+        return 0, shared[0] * (n // param.shape[0])
+    return 0, n
+
+
 @torch.no_grad()
 def load_full_(param: torch.Tensor, full: torch.Tensor, group: Group) -> None:
     """Copy this rank's shard of the full tensor ``full`` into ``param`` (spec read from ``param``)."""
@@ -445,4 +574,8 @@ __all__ = [
     "tp_spec",
     "load_full_",
     "mark_sequence_parallel",
+    "mark_shared_rows",
+    "norm_span",
+    "head_split",
+    "local_length",
 ]

@@ -47,7 +47,7 @@ class ZeroAdamW:
         self.t = 0
         g = ddp.group
         self.slices = []
-        self.runs = []  # per slice: (param, start, end) of each parameter's part of it, slice coordinates
+        self.runs = []  # per slice: (param, start, end, param's offset in the bucket) of each parameter's part
         for b in ddp.buckets:
             n = b.param.numel() // g.size
             lo, hi = g.rank * n, (g.rank + 1) * n
@@ -57,10 +57,10 @@ class ZeroAdamW:
             for prm in b.params:
                 s, e = max(off, lo), min(off + prm.numel(), hi)
                 if s < e:
-                    runs.append((prm, s - lo, e - lo))
+                    runs.append((prm, s - lo, e - lo, off))
                 off += prm.numel()
             self.runs.append(runs)
-        self.decay_runs = [[(s, e) for prm, s, e in runs if decay is None or decay(prm)] for runs in self.runs]
+        self.decay_runs = [[(s, e) for prm, s, e, _ in runs if decay is None or decay(prm)] for runs in self.runs]
 
     @property
     def lr(self) -> float:
@@ -100,14 +100,17 @@ class ZeroAdamW:
         """Scale the gradient shards so the global norm is at most ``max_norm``; returns the norm before
         clipping. Each parameter counts once, as in :func:`gptpar.precision.global_grad_norm` (the dp slices
         are disjoint, so their squares add over dp as well)."""
-        from gptpar.precision import counts_toward_norm
+        from gptpar.precision import norm_span
 
         sq = torch.zeros((), dtype=torch.float32, device=state.device)
         shards = self.grad_shards()
-        for grad, runs in zip(shards, self.runs, strict=True):
-            for prm, s, e in runs:
-                if counts_toward_norm(prm, state):
-                    sq += grad[s:e].pow(2).sum()
+        for (b, sl, *_), grad, runs in zip(self.slices, shards, self.runs, strict=True):
+            for prm, s, e, off in runs:
+                # the part of [s, e) (slice coordinates) inside the parameter's counted span
+                lo, hi = norm_span(prm, state)
+                a, z = max(s, lo + off - sl.start), min(e, hi + off - sl.start)
+                if z > a:
+                    sq += grad[a:z].pow(2).sum()
         for group in (self.ddp.group, state.tp, state.pp):
             comm.all_reduce(sq, group)
         norm = sq.sqrt()
