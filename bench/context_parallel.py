@@ -1,7 +1,10 @@
 """Context parallelism on CPU processes: per-rank time and bytes sent for ring attention (forward +
 backward) at cp = 1, 2, 4, against the ideal, and the load imbalance of contiguous vs zig-zag sharding.
 
-    python bench/context_parallel.py [--seq 2048] [--heads 8] [--head-dim 64] [--reps 3]
+    python bench/context_parallel.py [--seq 2048] [--heads 8] [--kv-heads 2] [--head-dim 64] [--reps 3]
+
+Grouped-query rows ("gqa": ``--kv-heads`` K/V heads for ``--heads`` query heads, as Llama 3 has 8 for 32):
+K/V blocks travel with their own heads only, so ring bytes per rank fall by heads/kv-heads.
 
 "ideal bytes": the minimum a ring needs per rank, (cp-1) K/V blocks forward and (cp-1) K/V + (cp-1)
 fp32 dK/dV blocks backward. "work max/mean": the most loaded rank's attention work (query-key pairs
@@ -26,14 +29,15 @@ from gptpar.parallel.context import attention_work, ring_attention, seq_shards, 
 from gptpar.testing import run_distributed
 
 
-def _rank_run(cp, sharding, impl, seq, heads, hd, reps):
+def _rank_run(cp, sharding, impl, seq, heads, hd, reps, kv_heads=None):
     torch.set_num_threads(1)
     st = init_parallel(ParallelLayout(cp=cp))
     g = st.cp
     shards = seq_shards(seq, cp, sharding)
     local = shards[g.rank].length
     gen = torch.Generator().manual_seed(g.rank)
-    q, k, v = (torch.randn(1, heads, local, hd, generator=gen).requires_grad_() for _ in range(3))
+    q = torch.randn(1, heads, local, hd, generator=gen).requires_grad_()
+    k, v = (torch.randn(1, kv_heads or heads, local, hd, generator=gen).requires_grad_() for _ in range(2))
     dout = torch.randn(1, heads, local, hd, generator=gen)
     times, traffic = [], {}
     for rep in range(reps + 1):
@@ -57,37 +61,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel_cpu.json"))
     a = ap.parse_args()
-    kv_block = lambda cp: 2 * a.heads * (a.seq // cp) * a.head_dim * 4  # noqa: E731  fp32 K and V of one rank
+    # fp32 K and V of one rank with kv K/V heads
+    kv_block = lambda cp, kv=a.heads: 2 * kv * (a.seq // cp) * a.head_dim * 4  # noqa: E731
     rows = []
-    for cp in (1, 2, 4):
-        for impl, sharding in (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "contiguous")):
-            if cp == 1 and (impl, sharding) != ("ring", "contiguous"):
-                continue
-            res = run_distributed(_rank_run, cp, cp, sharding, impl, a.seq, a.heads, a.head_dim, a.reps, timeout=1200)
-            t = [r["time_s"] for r in res]
-            w = [r["work"] for r in res]
-            # ring: (cp-1) K/V blocks forward, (cp-1) K/V + (cp-1) fp32 dK/dV backward; Ulysses: 4 all-to-alls
-            # each way (q, k, v, out), each sending (cp-1)/cp of a rank's [h, s/cp, d] tensor.
-            ideal = 3 * (cp - 1) * kv_block(cp) if impl == "ring" else 8 * (cp - 1) / cp * kv_block(cp) / 2
-            rows.append({
-                "cp": cp, "impl": impl, "sharding": sharding,
-                "time_max_s": max(t), "time_mean_s": statistics.mean(t),
-                # Ulysses gives every rank the whole sequence for h/cp heads: balanced by construction.
-                "work_imbalance": max(w) / statistics.mean(w) if impl == "ring" else 1.0,
-                "bytes_per_rank": max(r["bytes"] for r in res),
-                "ideal_bytes_per_rank": ideal,
-            })  # fmt: skip
+    cases = [(cp, impl, sharding, a.heads) for cp in (1, 2, 4)
+             for impl, sharding in (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "contiguous"))
+             if cp > 1 or (impl, sharding) == ("ring", "contiguous")]  # fmt: skip
+    cases += [(cp, impl, "zigzag" if impl == "ring" else "contiguous", a.kv_heads) for cp in (2, 4)
+              for impl in ("ring", "ulysses")]  # fmt: skip
+    for cp, impl, sharding, kv in cases:
+        res = run_distributed(_rank_run, cp, cp, sharding, impl, a.seq, a.heads, a.head_dim, a.reps, kv,
+                              timeout=1200)  # fmt: skip
+        t = [r["time_s"] for r in res]
+        w = [r["work"] for r in res]
+        # ring: (cp-1) K/V blocks forward, (cp-1) K/V + (cp-1) fp32 dK/dV backward; Ulysses: 4 all-to-alls
+        # each way (q, k, v, out), each sending (cp-1)/cp of a rank's [h, s/cp, d] tensor.
+        # (Ulysses with fewer K/V heads than cp repeats them to one per rank first.)
+        kv_sent = max(kv, cp) if impl == "ulysses" and kv % cp else kv
+        ideal = (3 * (cp - 1) * kv_block(cp, kv) if impl == "ring"
+                 else 2 * (cp - 1) / cp * (kv_block(cp) + kv_block(cp, kv_sent)))  # fmt: skip
+        rows.append({
+            "cp": cp, "impl": impl, "sharding": sharding, "kv_heads": kv,
+            "time_max_s": max(t), "time_mean_s": statistics.mean(t),
+            # Ulysses gives every rank the whole sequence for h/cp heads: balanced by construction.
+            "work_imbalance": max(w) / statistics.mean(w) if impl == "ring" else 1.0,
+            "bytes_per_rank": max(r["bytes"] for r in res),
+            "ideal_bytes_per_rank": ideal,
+        })  # fmt: skip
     base = rows[0]["time_max_s"]
     print(f"ring/Ulysses attention fwd+bwd, causal, seq={a.seq}, heads={a.heads}, head_dim={a.head_dim}, fp32, "
           f"CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print(f"{'cp':>3s} {'impl':8s} {'sharding':10s} {'slowest rank s':>14s} {'vs cp=1':>8s} {'work max/mean':>13s} "
-          f"{'MB sent/rank':>13s} {'ideal MB':>9s}")  # fmt: skip
+    print(f"{'cp':>3s} {'impl':8s} {'sharding':10s} {'kv':>3s} {'slowest rank s':>14s} {'vs cp=1':>8s} "
+          f"{'work max/mean':>13s} {'MB sent/rank':>13s} {'ideal MB':>9s}")  # fmt: skip
     for r in rows:
-        print(f"{r['cp']:3d} {r['impl']:8s} {r['sharding']:10s} {r['time_max_s']:14.3f} {base / r['time_max_s']:7.2f}x "
+        print(f"{r['cp']:3d} {r['impl']:8s} {r['sharding']:10s} {r['kv_heads']:3d} {r['time_max_s']:14.3f} "
+              f"{base / r['time_max_s']:7.2f}x "
               f"{r['work_imbalance']:13.2f} {r['bytes_per_rank'] / 1e6:13.2f} {r['ideal_bytes_per_rank'] / 1e6:9.2f}")  # fmt: skip
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

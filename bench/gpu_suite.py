@@ -90,23 +90,27 @@ class Suite:
         return r
 
     # ------------------------------------------------------------------------------------------ attention
-    def attention(self, seqs, head_dims, tokens, width):
+    def attention(self, seqs, head_dims, tokens, width, group=1, causals=(True, False)):
+        """``group`` > 1: grouped-query attention, ``heads / group`` K/V heads (Llama 3 8B: 32 / 8)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backends = [SDPBackend.FLASH_ATTENTION] if self.device == "cuda" else [SDPBackend.MATH]
-        print(f"attention (tokens {tokens}, heads x head dim {width}), TFLOP/s, x SDPA flash:")
+        kind = f", GQA {group} query heads per K/V head" if group > 1 else ""
+        print(f"attention (tokens {tokens}, heads x head dim {width}{kind}), TFLOP/s, x SDPA flash:")
         for d in head_dims:
             for s in seqs:
                 b, h = max(1, tokens // s), max(1, width // d)
-                q, k, v = (self.rand(b, h, s, d, requires_grad=True) for _ in range(3))
+                q = self.rand(b, h, s, d, requires_grad=True)
+                k, v = (self.rand(b, h // group, s, d, requires_grad=True) for _ in range(2))
                 do = self.rand(b, h, s, d)
-                for causal in (True, False):
+                for causal in causals:
                     flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-                    case = f"hd{d} s{s} b{b} h{h} {'causal' if causal else 'full'}"
+                    case = f"hd{d} s{s} b{b} h{h}" + (f"/kv{h // group}" if group > 1 else "") + (
+                        " causal" if causal else " full")  # fmt: skip
 
                     def sdpa(q=q, k=k, v=v, causal=causal):
                         with sdpa_kernel(backends):
-                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
 
                     def ours(q=q, k=k, v=v, causal=causal):
                         return attention(q, k, v, causal)[0]
@@ -226,7 +230,10 @@ def main() -> None:
 
     print(f"gpu_suite on {device_name}, torch {torch.__version__}, triton {triton.__version__}, {suite.dtype}")
     torch.manual_seed(0)
+    # Llama 3 8B's attention: 32 query heads, 8 K/V heads, head dim 128 (smoke: 2 heads sharing 1)
+    gqa = ([max(seqs)], [32], tokens, 64, 2) if args.smoke else ([2048, 8192], [128], tokens, 4096, 4)
     for section, run in (("attention", lambda: suite.attention(seqs, dims, tokens, width)),
+                         ("attention-gqa", lambda: suite.attention(*gqa, causals=(True,))),
                          ("mlp", lambda: suite.mlp(*mlp_shape)), ("norms", lambda: suite.norms(*norm_shape))):  # fmt: skip
         t0 = time.perf_counter()
         run()

@@ -1,7 +1,8 @@
 """gptpar next to PyTorch's own parallelism on the same model, in the same run (alternating):
 
 * tensor parallel, tp=2: ``gptpar.parallelize`` vs ``torch.distributed.tensor.parallel.parallelize_module``
-  (ColwiseParallel / RowwiseParallel) on one nanoGPT-style model written for neither;
+  (ColwiseParallel / RowwiseParallel) on one nanoGPT-style model written for neither, and on one Llama-style
+  model (RoPE, grouped-query attention with 8 query / 2 K/V heads, SwiGLU, RMSNorm, untied head);
 * sharded optimizer, dp=2: gptpar ZeRO-1 (``DataParallel(shard_grads=True)`` + ``ZeroAdamW``) vs FSDP2
   ``fully_shard`` (ZeRO-3) with AdamW: step time and the bytes of weights, gradients and optimizer state
   each rank keeps between steps.
@@ -65,6 +66,99 @@ class Model(nn.Module):
             x = b(x)
         logits = self.head(self.norm(x))
         return F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, h, heads, kv_heads):
+        super().__init__()
+        self.hd = h // heads
+        self.q, self.o = nn.Linear(h, h, bias=False), nn.Linear(h, h, bias=False)
+        self.k, self.v = (nn.Linear(h, kv_heads * self.hd, bias=False) for _ in range(2))
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q, k, v = (t(x).view(b, s, -1, self.hd).transpose(1, 2) for t in (self.q, self.k, self.v))  # local heads
+
+        def rope(t):
+            t1, t2 = t.chunk(2, dim=-1)
+            return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
+
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, h, heads, kv_heads, f):
+        super().__init__()
+        self.ln1, self.ln2, self.attn = nn.RMSNorm(h), nn.RMSNorm(h), LlamaAttention(h, heads, kv_heads)
+        self.gate, self.up, self.down = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False), nn.Linear(f, h, bias=False)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.ln1(x), cos, sin)
+        y = self.ln2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class Llama(nn.Module):
+    def __init__(self, vocab=2048, h=256, heads=8, kv_heads=2, f=688, layers=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, h)
+        self.blocks = nn.ModuleList(LlamaBlock(h, heads, kv_heads, f) for _ in range(layers))
+        self.norm, self.head = nn.RMSNorm(h), nn.Linear(h, vocab, bias=False)
+        self.hd = h // heads
+
+    def forward(self, idx):
+        inv = 1.0 / 500000.0 ** (torch.arange(0, self.hd, 2).float() / self.hd)
+        freqs = torch.arange(idx.shape[1]).float()[:, None] * inv[None]
+        cos, sin = freqs.cos(), freqs.sin()
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x, cos, sin)
+        return F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), idx.flatten())
+
+
+LLAMA_PLAN = {
+    "emb": Replicate(), "head": Replicate(),
+    "blocks.*.attn.q": Colwise(), "blocks.*.attn.k": Colwise(), "blocks.*.attn.v": Colwise(),
+    "blocks.*.attn.o": Rowwise(), "blocks.*.gate": Colwise(), "blocks.*.up": Colwise(), "blocks.*.down": Rowwise(),
+}  # fmt: skip
+
+
+def _tp_llama(reps, only=None, result=None):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    st = init_parallel(ParallelLayout(tp=2))
+    idx = torch.randint(0, 2048, (8, 128), generator=torch.Generator().manual_seed(0))
+    models = {}
+    if only in (None, "gptpar"):
+        torch.manual_seed(0)
+        models["gptpar parallelize"] = parallelize(Llama(), st, LLAMA_PLAN)
+    if only in (None, "torch"):
+        torch.manual_seed(0)
+        theirs = Llama()
+        for b in theirs.blocks:  # q/k/v/gate/up split by output rows = by heads; o/down by input columns
+            parallelize_module(b, st.mesh["tp"], {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
+                                                  "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel(),
+                                                  "gate": ColwiseParallel(), "up": ColwiseParallel(),
+                                                  "down": RowwiseParallel()})  # fmt: skip
+        models["torch parallelize_module"] = theirs
+    if only is not None:
+        (model,) = models.values()
+        return lambda: (model(idx).backward(), model.zero_grad(set_to_none=True))
+    la, lb = (m(idx).item() for m in models.values())
+    assert abs(la - lb) < 1e-4, f"the two tensor-parallel Llamas disagree: {la} vs {lb}"  # same model, same math
+    out = {}
+    for name, model in models.items():
+
+        def step(model=model):
+            model(idx).backward()
+            model.zero_grad(set_to_none=True)
+
+        with comm.count_traffic() as t:
+            step()
+        out[name] = {"time_s": _timed(step, reps), "bytes": sum(t.values())}
+    return out
 
 
 TP_PLAN = {
@@ -189,7 +283,7 @@ def _peak(kind, impl):
 
     def build():
         res = {}
-        fn = _tp if kind == "tp" else _zero
+        fn = {"tp": _tp, "tp_llama": _tp_llama, "zero": _zero}[kind]
         step = fn(0, only=impl, result=res)
         return step
 
@@ -202,8 +296,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "side_by_side_cpu.json"))
     a = ap.parse_args()
     tp = run_distributed(_tp, 2, a.reps, timeout=1200)
+    tp_llama = run_distributed(_tp_llama, 2, a.reps, timeout=1200)
     zero = run_distributed(_zero, 2, a.reps, timeout=1200)
-    for kind, res, names in (("tp", tp, ("gptpar parallelize", "torch parallelize_module")),
+    names_tp = ("gptpar parallelize", "torch parallelize_module")
+    for kind, res, names in (("tp", tp, names_tp), ("tp_llama", tp_llama, names_tp),
                              ("zero", zero, ("gptpar ZeRO-1", "torch FSDP2 (ZeRO-3)"))):  # fmt: skip
         for name, impl in zip(names, ("gptpar", "torch"), strict=True):
             peak = max(run_distributed(_peak, 2, kind, impl, fresh=True, timeout=600))
@@ -211,19 +307,14 @@ def main() -> None:
                 r[name]["peak_bytes"] = peak
     date = time.strftime("%Y-%m-%d")
     print(f"side by side, CPU gloo, {os.cpu_count()} cores, {date}, torch {torch.__version__}")
-    print("tensor parallel tp=2 (4-layer GPT, h=256, batch 8 x 128), forward + backward:")
-    base = max(r["torch parallelize_module"]["time_s"] for r in tp)
-    for name in tp[0]:
-        t = max(r[name]["time_s"] for r in tp)
-        sent = (
-            f"{tp[0][name]['bytes'] / 1e6:8.2f} MB sent/rank"
-            if tp[0][name]["bytes"]
-            else "(bytes not counted: DTensor)"
-        )
-        print(
-            f"  {name:26s} {t:7.3f} s  {8 * 128 / t:7.0f} tok/s  {base / t:5.2f}x torch  "
-            f"peak {tp[0][name]['peak_bytes'] / 1e6:6.1f} MB/rank  {sent}"
-        )
+    for title, res in (("4-layer GPT, h=256", tp), ("4-layer Llama, h=256, 8 q / 2 K/V heads, RoPE, SwiGLU", tp_llama)):
+        print(f"tensor parallel tp=2 ({title}, batch 8 x 128), forward + backward:")
+        base = max(r["torch parallelize_module"]["time_s"] for r in res)
+        for name in res[0]:
+            t = max(r[name]["time_s"] for r in res)
+            sent = f"{res[0][name]['bytes'] / 1e6:8.2f} MB sent/rank" if res[0][name]["bytes"] else "(bytes not counted: DTensor)"
+            print(f"  {name:26s} {t:7.3f} s  {8 * 128 / t:7.0f} tok/s  {base / t:5.2f}x torch  "
+                  f"peak {res[0][name]['peak_bytes'] / 1e6:6.1f} MB/rank  {sent}")  # fmt: skip
     print("sharded optimizer dp=2, step with AdamW, bytes each rank keeps between steps:")
     base = max(r["torch FSDP2 (ZeRO-3)"]["time_s"] for r in zero)
     for name in zero[0]:
@@ -234,7 +325,8 @@ def main() -> None:
               f"grads {r0['gradients'] / 1e6:5.2f} MB  optimizer {r0['optimizer'] / 1e6:5.2f} MB")  # fmt: skip
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"date": date, "tensor_parallel": tp, "sharded_optimizer": zero}, f, indent=1)
+        json.dump({"date": date, "tensor_parallel": tp, "tensor_parallel_llama": tp_llama, "sharded_optimizer": zero},
+                  f, indent=1)
 
 
 if __name__ == "__main__":

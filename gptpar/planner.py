@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from gptpar.errors import GptparConfigError
 from gptpar.models.gpt import GPTConfig, preset
+from gptpar.parallel.tensor import local_length
 
 # GPT-3 paper's shapes (Brown et al. 2020, Table 2.1): name -> (n_layer, d_model, n_head)
 GPT3_SHAPES = {
@@ -91,10 +92,12 @@ def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int
     bias = 1 if config.bias else 0
     norm = h * (2 if (config.norm == "layernorm" and config.bias) else 1)
     fc_out = 2 * f if config.activation == "swiglu" else f
+    qkv = local_length(config.q_size + 2 * config.kv_size, config.qkv_chunks, tp)  # K/V heads replicated if tp > them
     block = (
         2 * norm
-        + (3 * h * h + 3 * h * bias) // tp  # qkv, column
-        + (h * h) // tp
+        + qkv * h + (qkv if config.qkv_bias else 0)  # qkv, column
+        + (2 * config.head_dim if config.qk_norm else 0)
+        + (config.q_size * h) // tp
         + h * bias  # attn proj, row (bias replicated)
         + (fc_out * h + fc_out * bias) // tp  # fc, column
         + (f * h) // tp
@@ -104,7 +107,7 @@ def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int
     for a, b in units:
         for u in range(a, b):
             if u == 0:
-                total += V * h // tp + config.seq_len * h
+                total += V * h // tp + (config.seq_len * h if config.position == "learned" else 0)
             elif u == L + 1:
                 has_embedding = any(x == 0 for x, _ in units)
                 total += norm + (0 if (config.tie_embeddings and has_embedding) else V * h // tp)
@@ -124,12 +127,14 @@ def activation_bytes(
     sc = s // tp if sp and tp > 1 else s  # column-parallel inputs kept
     norm = sn * b * h * elem + (2 * sn * b * 4 if config.norm == "layernorm" else sn * b * 4)
     fc_saved = 2 * s * b * (f // tp) * elem if config.activation == "gelu" else 3 * s * b * (f // tp) * elem
+    q_local = config.q_size // tp
+    kv_local = (local_length(config.q_size + 2 * config.kv_size, config.qkv_chunks, tp) - q_local) // 2  # GQA: small
     block = (
         2 * norm
         + sc * b * h * elem  # qkv input
-        + 4 * s * b * (h // tp) * elem
+        + (2 * q_local + 2 * kv_local) * s * b * elem
         + s * b * (a // tp) * 4  # q, k, v, out, lse
-        + s * b * (h // tp) * elem  # attn proj input
+        + s * b * q_local * elem  # attn proj input
         + sc * b * h * elem
         + fc_saved  # fc input, activation input, mlp proj input
     )

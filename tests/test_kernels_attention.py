@@ -39,6 +39,42 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 3e-2), (torch.bfloat16
 print("kernels ok")
 """
 
+GQA_CHECK = r"""
+import torch
+from gptpar.ops.attention import (reference_attention_backward, reference_attention_forward,
+                                  triton_attention_backward, triton_attention_forward)
+
+torch.manual_seed(0)
+zigzag = torch.cat([torch.arange(8, 16), torch.arange(48, 56)])
+CASES = [(torch.arange(40), torch.arange(40)), (torch.arange(20, 53), torch.arange(50)), (zigzag, torch.arange(64))]
+for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 3e-2)):
+    for h, hkv in ((4, 2), (4, 1), (6, 3)):  # groups of 2, 4 (MQA) and 2 over an odd head count
+        for causal in (True, False):
+            for qp, kp in CASES:
+                q = torch.randn(2, h, len(qp), 32).to(dtype)
+                k, v = (torch.randn(2, hkv, len(kp), 32).to(dtype) for _ in range(2))
+                o, lse = triton_attention_forward(q, k, v, causal, qp, kp)
+                ro, rlse = reference_attention_forward(q, k, v, causal, qp, kp)
+                # the reference itself against K/V repeated per query head (the definition of GQA)
+                rep = lambda t: t.repeat_interleave(h // hkv, dim=1)
+                mo, mlse = reference_attention_forward(q, rep(k), rep(v), causal, qp, kp)
+                torch.testing.assert_close(ro, mo, rtol=tol, atol=tol)
+                fin = ~torch.isinf(rlse)
+                torch.testing.assert_close(o.float(), ro.float(), rtol=tol, atol=tol)
+                torch.testing.assert_close(lse[fin], rlse[fin], rtol=tol, atol=tol)
+                do = torch.randn_like(o)
+                got = triton_attention_backward(do, q, k, v, ro, rlse, causal, qp, kp)
+                want = reference_attention_backward(do, q, k, v, ro, rlse, causal, qp, kp)
+                dq_m, dk_m, dv_m = reference_attention_backward(do, q, rep(k), rep(v), ro, rlse, causal, qp, kp)
+                fold = lambda t: t.float().unflatten(1, (hkv, h // hkv)).sum(2)  # K/V grads summed over the group
+                torch.testing.assert_close(want[1].float(), fold(dk_m), rtol=tol, atol=tol * 4)
+                torch.testing.assert_close(want[2].float(), fold(dv_m), rtol=tol, atol=tol * 4)
+                assert got[1].shape == k.shape and got[2].shape == v.shape
+                for g, rg in zip(got, want):
+                    torch.testing.assert_close(g.float(), rg.float(), rtol=tol, atol=tol * 4)
+print("gqa ok")
+"""
+
 MODEL = r"""
 import os, sys
 sys.path.insert(0, os.environ["TESTS_DIR"])
@@ -58,6 +94,12 @@ if __name__ == "__main__":
     ref = train_reference(config, steps=1)
     res = run_distributed(train_parallel, 2, config, ParallelLayout(tp=2), 1, {"sequence_parallel": True}, timeout=600)
     assert_matches_reference(res, ref, "triton tp=2 sp swiglu", tol=dict(rtol=1e-4, atol=1e-5))
+    # Llama style: RoPE (Triton rotation of q|k), GQA in ring attention's Triton blocks, zig-zag positions
+    config = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_kv_head=2, d_model=64, activation="swiglu",
+                       norm="rmsnorm", position="rope", bias=False, tie_embeddings=False)
+    ref = train_reference(config, steps=1)
+    res = run_distributed(train_parallel, 2, config, ParallelLayout(cp=2), 1, {"cp_impl": "ring"}, timeout=600)
+    assert_matches_reference(res, ref, "triton cp=2 llama", tol=dict(rtol=1e-4, atol=1e-5))
     print("model ok")
 """
 
@@ -73,6 +115,12 @@ def test_flash_attention_kernel_matches_reference(tmp_path):
     res = _run(CHECK, tmp_path, "check_attention.py")
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.strip() == "kernels ok"
+
+
+def test_flash_attention_kernel_with_grouped_query_heads_matches_reference(tmp_path):
+    res = _run(GQA_CHECK, tmp_path, "check_gqa.py")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.strip() == "gqa ok"
 
 
 def test_parallel_gpt_with_triton_ops_matches_reference_model(tmp_path):

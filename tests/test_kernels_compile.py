@@ -9,7 +9,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from gptpar.kernels import attention, cross_entropy, mlp, norm  # noqa: E402
+from gptpar.kernels import attention, cross_entropy, mlp, norm, rope  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -98,3 +98,11 @@ def test_norm_and_cross_entropy_compile_for_sm90():
              "stride": "i32", "V": "i32", "start": "i32"}  # fmt: skip
     compile_sm90(cross_entropy.ce_stats_kernel, types, {"BLOCK": 4096})
     compile_sm90(cross_entropy.ce_grad_kernel, types, {"BLOCK": 4096})
+
+
+def test_rope_compiles_for_sm90():
+    types = {"X": "*bf16", "Out": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "H": "i32", "NROT": "i32", "B": "i32"}
+    for half, dt in ((64, "bf16"), (32, "fp16"), (64, "fp32")):  # head dims 128 and 64
+        t = {**types, "X": f"*{dt}", "Out": f"*{dt}"}
+        for sign in (1, -1):
+            compile_sm90(rope.rope_kernel, t, {"SIGN": sign, "HALF": half, "BLOCK_H": 16})

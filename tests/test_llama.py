@@ -242,3 +242,17 @@ def _ulysses_refusal():
 
 def test_ulysses_refuses_kv_heads_it_cannot_split():
     assert run_distributed(_ulysses_refusal, 2) == [True, True]
+
+
+def _local_param_count(config, tp):
+    st = init_parallel(ParallelLayout(tp=tp))
+    return sum(p.numel() for p in ParallelGPT(config, st).parameters())
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_planner_counts_each_ranks_parameters_with_gqa(tp):
+    from gptpar.planner import param_count
+
+    for config in (GQA, MQA):  # tp=4: K/V heads replicated (each rank holds one)
+        got = run_distributed(_local_param_count, tp, config, tp)
+        assert got == [param_count(config, tp, [(0, config.n_layer + 2)])] * tp

@@ -263,3 +263,38 @@ def test_pretokenised_nanogpt_bin_and_a_text_folder(tmp_path, cache):
     (docs / "b.md").write_text("# notes\n" + "pack my box with five dozen liquor jugs. " * 200)
     train(tmp_path / "b", "--nproc", "1", "--data", str(docs), cache=cache, steps=5)
     assert len(losses(tmp_path / "b")) == 5
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory, cache):
+    """`--model llama-tiny` (RoPE, 4 query / 2 K/V heads, SwiGLU, RMSNorm, untied) alone and at tp2 x pp2."""
+    single_out, par_out = tmp_path_factory.mktemp("llama1"), tmp_path_factory.mktemp("llama_tp2pp2")
+    train(single_out, "--model", "llama-tiny", "--nproc", "1", cache=cache)
+    train(par_out, "--model", "llama-tiny", "--nproc", "4", "--tp", "2", "--pp", "2", "--save-every", "20", cache=cache)
+    return single_out, par_out
+
+
+def test_llama_tiny_trains_at_tp2xpp2_step_for_step_with_the_single_process_run(llama_runs):
+    single_out, par_out = llama_runs
+    want, got = losses(single_out), losses(par_out)
+    assert len(got) == 20 and got[-1]["loss"] < got[0]["loss"] - 1.0  # it learns
+    for w, g in zip(want, got, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
+    meta = checkpoint.read_meta(checkpoint.latest(str(par_out)))
+    assert meta["model"]["position"] == "rope" and meta["model"]["n_kv_head"] == 2
+
+
+@pytest.mark.parametrize("tp", [1, 4])  # tp=4 > n_kv_head=2: K/V heads replicated on pairs of ranks
+def test_llama_checkpoint_reshards_and_generates(llama_runs, tp):
+    folder = checkpoint.latest(str(llama_runs[1]))
+    full = checkpoint.load_full_state_dict(folder)
+    assert full["blocks.0.attn.qkv.weight"].shape[0] == (4 + 2 + 2) * 16
+    resharded, sd = run_distributed(_reshard, tp, folder, tp)[0]
+    assert resharded is True
+    for k, v in full.items():
+        assert torch.equal(sd[k], v), k
+    if tp == 1:
+        res = subprocess.run([sys.executable, "-m", "gptpar.cli", "generate", "--ckpt", str(llama_runs[1]), "--prompt",
+                              "def ", "--tokens", "20"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("def ") and len(res.stdout) > len("def ") + 5

@@ -200,6 +200,14 @@ class ColumnParallelLinear(nn.Module):
                 raise GptparConfigError(f"activation='swiglu' needs the gate|up blocks: chunks=2, got chunks={chunks}")
         if sequence_parallel and gather_output:
             raise GptparConfigError("ColumnParallelLinear: gather_output and sequence_parallel cannot be combined")
+        if isinstance(chunks, int):
+            if out_features % chunks:
+                raise GptparConfigError(f"out_features={out_features} is not divisible by chunks={chunks}")
+            if (out_features // chunks) % group.size:
+                raise GptparConfigError(
+                    f"out_features={out_features} (in {chunks} block(s)) is not divisible by the '{group.name}' group "
+                    f"size {group.size}: each block's rows are split across tp"
+                )
         local_out = local_length(out_features, chunks, group.size)
         distinct, sharing = replicated_rows(local_out, chunks, group.size)
         if sharing > 1 and (shared_group is None or shared_group.size != sharing):

@@ -64,14 +64,16 @@ def unit_names(config: GPTConfig) -> list[str]:
 def unit_costs(config: GPTConfig, model: str = "params", seq_len: int | None = None) -> list[float]:
     h, f, v, L = config.d_model, config.ffn_hidden, config.vocab_size, config.n_layer
     s = seq_len or config.seq_len
+    wpe = config.seq_len * h if config.position == "learned" else 0
     if model == "params":
-        block = config.num_params() - v * h - config.seq_len * h - (0 if config.tie_embeddings else v * h)
+        block = config.num_params() - v * h - wpe - (0 if config.tie_embeddings else v * h)
         norm = h * (2 if (config.norm == "layernorm" and config.bias) else 1)
         per_block = (block - norm) / L
-        return [v * h + config.seq_len * h] + [per_block] * L + [norm + v * h]
+        return [v * h + wpe] + [per_block] * L + [norm + v * h]
     if model == "flops":  # forward matmul FLOPs per token (x3 for fwd+bwd cancels in the split)
         fc = 2 * f if config.activation == "swiglu" else f
-        per_block = 2 * (3 * h * h + h * h + fc * h + f * h) + 2 * 2 * s * h  # projections + QK^T and PV
+        qkv = config.q_size + 2 * config.kv_size
+        per_block = 2 * (qkv * h + config.q_size * h + fc * h + f * h) + 2 * 2 * s * config.q_size  # + QK^T, PV
         return [h] + [per_block] * L + [2 * v * h]
     if model == "profile":
         return profile_unit_costs(config, seq_len=s)
@@ -95,13 +97,19 @@ def profile_unit_costs(config: GPTConfig, batch: int = 2, seq_len: int | None = 
         return sorted(times[1:])[len(times[1:]) // 2]
 
     def emb():
-        x = model.wte(idx) + model.wpe(torch.arange(s))
+        x = model.wte(idx)
+        if config.position == "learned":
+            x = x + model.wpe(torch.arange(s))
         x.sum().backward()
 
     x0 = torch.randn(batch, s, config.d_model, requires_grad=True)
 
+    from gptpar.models.gpt import rope_for
+
+    rope = rope_for(config, torch.arange(s), x0.device)
+
     def block(b):
-        return lambda: b(x0).sum().backward()
+        return lambda: b(x0, rope).sum().backward()
 
     def head():
         logits = model.lm_head(model.ln_f(x0))
