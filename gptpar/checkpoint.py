@@ -112,29 +112,46 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_full_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """The full, unsharded weights (reference parameter names) from a checkpoint of any layout."""
+def iter_full_tensors(folder: str, names: list[str] | None = None):
+    """``(name, full tensor)`` for each parameter (reference names; ``names`` picks and orders them), rebuilt
+    from a checkpoint of any layout one at a time: the rank files are memory-mapped, so only the pieces of
+    the tensor being assembled are read. A tied output layer missing from a file is the embedding."""
     meta = read_meta(folder)
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
-    specs: dict[str, tuple] = {}
+    blobs, holders, specs = {}, {}, {}
     for r in range(meta["world_size"]):
-        blob = _load(os.path.join(folder, f"rank_{r:05d}.pt"))
+        blob = torch.load(os.path.join(folder, f"rank_{r:05d}.pt"), map_location="cpu", weights_only=True, mmap=True)
         c = blob["coords"]
         if c["dp"] != 0 or c["cp"] != 0:
             continue  # replicas
-        for n, t in blob["params"].items():
-            pieces.setdefault(n, {})[c["tp"]] = t
+        blobs[r] = blob
+        for n in blob["params"]:
+            holders.setdefault(n, {})[c["tp"]] = r
             specs[n] = tuple(blob["specs"][n])
-    full = {}
-    for n, by_tp in pieces.items():
-        dim, chunks = specs[n]
-        full[n] = unshard_tensor([by_tp[i] for i in sorted(by_tp)], dim, chunks) if dim is not None else by_tp[0]
-    return full
+    for n in names if names is not None else list(holders):
+        src = n if n in holders else ("wte.weight" if n == "lm_head.weight" else None)
+        if src not in holders:
+            raise GptparConfigError(f"checkpoint {folder!r} has no parameter {n!r}")
+        by_tp = holders[src]
+        dim, chunks = specs[src]
+        pieces = [blobs[by_tp[t]]["params"][src] for t in sorted(by_tp)]
+        yield n, (unshard_tensor(pieces, dim, chunks) if dim is not None else pieces[0].clone())
+
+
+def load_full_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights (reference parameter names) from a checkpoint of any layout."""
+    return dict(iter_full_tensors(folder))
 
 
 def check_config(meta: dict, config_dict: dict, folder: str) -> None:
+    from dataclasses import fields
+
+    from gptpar.models.gpt import GPTConfig
+
+    # a field newer than the checkpoint reads as its default (what the checkpoint's model had)
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
     saved = meta.get("model", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in config_dict.items() if saved.get(k) != v]
+    diffs = [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs now {v!r}" for k, v in config_dict.items()
+             if saved.get(k, defaults.get(k)) != v]  # fmt: skip
     if diffs:
         raise GptparConfigError(f"checkpoint {folder!r} was saved for a different model ({'; '.join(diffs)})")
 

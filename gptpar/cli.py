@@ -1,4 +1,4 @@
-"""The ``gptpar`` command: ``train``, ``generate``, ``convert`` and ``demo``."""
+"""The ``gptpar`` command: ``train``, ``generate``, ``export`` (``convert``), ``plan`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 COMMANDS = {
     "train": "train a GPT across processes (gptpar train --help)",
     "generate": "sample text from a checkpoint on one process",
-    "convert": "export a checkpoint (any layout) as one safetensors file",
+    "export": "write a checkpoint (any layout) as a Hugging Face transformers model directory",
+    "convert": "the same as export",
     "plan": "rank the parallel layouts that fit a model on a cluster (memory and time estimates)",
     "demo": "what `make demo` runs: a small GPT, tp=2 x pp=2 on 4 CPU processes",
 }
@@ -36,9 +37,9 @@ def main(argv: list[str] | None = None) -> None:
 
         demo_main(rest)
     else:
-        from gptpar.tools import convert_main, generate_main
+        from gptpar.tools import convert_main, export_main, generate_main
 
-        (generate_main if cmd == "generate" else convert_main)(rest)
+        {"generate": generate_main, "export": export_main, "convert": convert_main}[cmd](rest)
 
 
 if __name__ == "__main__":

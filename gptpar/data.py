@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,8 +106,11 @@ def prepare(
 ) -> Corpus:
     """Tokenise (once; later calls reuse the cache) and return the corpus. Safe to call from several
     processes at once: files are written under a temporary name and renamed."""
-    if tokenizer not in TOKENIZERS:
-        raise GptparConfigError(f"tokenizer={tokenizer!r} is unknown; expected one of {TOKENIZERS}")
+    external = tokenizer not in TOKENIZERS  # a tokenizers JSON file, e.g. a Hugging Face model's
+    if external and not os.path.isfile(tokenizer):
+        raise GptparConfigError(
+            f"tokenizer={tokenizer!r} is neither one of {TOKENIZERS} nor an existing tokenizer.json file"
+        )
     cache_dir = cache_dir or default_cache_dir()
     if data is not None and data.endswith(".bin"):
         if not os.path.exists(data):
@@ -122,6 +126,9 @@ def prepare(
         st = os.stat(f)
         h.update(f"{f}:{st.st_size}:{int(st.st_mtime)}".encode())
     h.update(f"{tokenizer}:{vocab_size}:{max_bytes}".encode())
+    if external:
+        with open(tokenizer, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
     key = h.hexdigest()[:16]
     folder = os.path.join(cache_dir, f"corpus-{key}")
     meta_path = os.path.join(folder, "meta.json")
@@ -132,6 +139,21 @@ def prepare(
         if tokenizer == "bytes":
             ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
             vocab = 256
+        elif external:
+            from tokenizers import Tokenizer
+
+            try:
+                tok = Tokenizer.from_file(tokenizer)
+            except Exception as e:
+                raise GptparConfigError(f"tokenizer {tokenizer!r} cannot be read by the tokenizers library: {e}") from None
+            vocab = tok.get_vocab_size()
+            token_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+            chunks = [text[i : i + 100_000] for i in range(0, len(text), 100_000)]
+            ids = np.concatenate([np.asarray(e.ids, dtype=token_dtype) for e in tok.encode_batch(chunks)])
+            tok_path = os.path.join(folder, "tokenizer.json")
+            tmp = f"{tok_path}.{os.getpid()}.tmp"
+            shutil.copyfile(tokenizer, tmp)
+            os.replace(tmp, tok_path)
         else:
             from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -157,13 +179,15 @@ def prepare(
             os.replace(tmp, os.path.join(folder, name))
         tmp = f"{meta_path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"vocab_size": vocab, "tokenizer": tokenizer, "files": len(files), "tokens": int(len(ids))}, f)
+            json.dump({"vocab_size": vocab, "tokenizer": "json" if external else tokenizer, "files": len(files),
+                       "tokens": int(len(ids)), "dtype": np.dtype(ids.dtype).name}, f)  # fmt: skip
         os.replace(tmp, meta_path)
     with open(meta_path) as f:
         meta = json.load(f)
-    tok_path = os.path.join(folder, "tokenizer.json") if meta["tokenizer"] == "bpe" else None
-    train = np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r")
-    val = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
+    tok_path = os.path.join(folder, "tokenizer.json") if meta["tokenizer"] in ("bpe", "json") else None
+    token_dtype = np.dtype(meta.get("dtype", "uint16"))
+    train = np.memmap(os.path.join(folder, "train.bin"), dtype=token_dtype, mode="r")
+    val = np.memmap(os.path.join(folder, "val.bin"), dtype=token_dtype, mode="r")
     return Corpus(train, val, meta["vocab_size"], tok_path)
 
 

@@ -88,7 +88,7 @@ def stage_units(config: GPTConfig, pp: int, rank: int, v: int = 1) -> list[tuple
 
 def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int:
     """Parameters on one tp rank holding ``units`` — the same sharding rules as ParallelGPT."""
-    h, f, V, L = config.d_model, config.ffn_hidden, config.vocab_size, config.n_layer
+    h, f, V, L = config.d_model, config.ffn_hidden, config.padded_vocab, config.n_layer
     bias = 1 if config.bias else 0
     norm = h * (2 if (config.norm == "layernorm" and config.bias) else 1)
     fc_out = 2 * f if config.activation == "swiglu" else f
@@ -121,7 +121,7 @@ def activation_bytes(
 ) -> int:
     """Bytes gptpar's layers save for backward for one microbatch on one rank holding ``units``. With
     ``recompute`` a block keeps only its input (``s' b h e``; the block being recomputed is transient)."""
-    h, f, a, V = config.d_model, config.ffn_hidden, config.n_head, config.vocab_size
+    h, f, a, V = config.d_model, config.ffn_hidden, config.n_head, config.padded_vocab
     s = s // cp
     sn = s // tp if sp and tp > 1 else s  # norm / residual region
     sc = s // tp if sp and tp > 1 else s  # column-parallel inputs kept
@@ -224,7 +224,7 @@ def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_p
         if tp > gpus_per_node or tp * pp * cp > gpus or gpus % (tp * pp * cp):
             continue
         dp = gpus // (tp * pp * cp)
-        if a % tp or config.vocab_size % tp or L < pp or s % (2 * cp) and cp > 1:
+        if a % tp or config.padded_vocab % tp or L < pp or s % (2 * cp) and cp > 1:
             continue
         for mb, v, sp, zero1, rc in itertools.product(
             [1, 2, 4, 8], [1, 2], [False, True], [False, True], [False, True]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -74,23 +73,31 @@ def generate_main(argv: list[str]) -> None:
     print(corpus.decode(out))
 
 
-def convert_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="gptpar convert", description="Export a checkpoint as one safetensors file.")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+def export_main(argv: list[str], prog: str = "gptpar export") -> None:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Write a checkpoint (any layout) as a Hugging Face transformers model directory that "
+        "AutoModelForCausalLM.from_pretrained loads (config.json, safetensors in files of at most 5 GB, tokenizer).",
+    )
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder or a run's --out")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="tensor dtype (default: the dtype of the model the run started from, else float32)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a = p.parse_args(argv)
-    from safetensors.torch import save_file
+    from gptpar.models.hf import export_checkpoint
 
     try:
         folder = _resolve_ckpt(a.ckpt)
-        meta = checkpoint.read_meta(folder)
+        dtype = getattr(torch, a.dtype) if a.dtype else None
+        export_checkpoint(folder, a.out, dtype=dtype, overwrite=a.overwrite)
     except GptparConfigError as e:
-        print(f"gptpar convert: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    full = {k: v.contiguous() for k, v in checkpoint.load_full_state_dict(folder).items()}
-    if meta["model"].get("tie_embeddings"):
-        full.pop("lm_head.weight", None)  # safetensors stores a tensor once; the tie is in the metadata
-    tmp = a.out + ".tmp"
-    save_file(full, tmp, metadata={"gptpar_config": json.dumps(meta["model"]), "step": str(meta["step"])})
-    os.replace(tmp, a.out)
-    print(f"gptpar convert: wrote {a.out} ({sum(v.numel() for v in full.values()) / 1e6:.2f}M parameters)")
+    print(f"{prog}: wrote {a.out} (from {folder})")
+
+
+def convert_main(argv: list[str]) -> None:
+    """``gptpar convert`` is ``gptpar export``: it once wrote gptpar's own tensor names, which transformers
+    accepted and then ran with random weights."""
+    export_main(argv, prog="gptpar convert")

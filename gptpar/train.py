@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -76,9 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default="runs/gptpar")
     a("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     a("--data", help="text file, folder of text files, or nanoGPT .bin (default: this machine's Python stdlib)")
-    a("--tokenizer", default="bpe", choices=("bpe", "bytes"))
+    a("--tokenizer", default=None,
+      help="bpe | bytes | PATH of a tokenizer.json (default: --init-from's tokenizer.json, else bpe)")
+    a("--init-from", help="a Hugging Face model directory (GPT-2, Llama, Mistral, Qwen2/3): its config and weights, "
+      "each rank reading only its slices")
     a("--vocab", type=int, default=2048, help="BPE vocabulary size")
     a("--vocab-size", type=int, help="for a pre-tokenised .bin: its vocabulary size")
+    a("--vocab-multiple", type=int, default=128,
+      help="embedding/output rows padded to a multiple of this, the same at every layout (padded logits masked)")
     a("--cache-dir")
     a("--seed", type=int, default=1234)
     a("--max-restarts", type=int, default=0)
@@ -110,13 +116,50 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise GptparConfigError(f"--config {args.config!r}: unknown option(s) {unknown}")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in table.items()})
         args = parser.parse_args(argv)
+    if args.tokenizer is None:
+        args.tokenizer = "bpe"
+        if args.init_from:
+            args.tokenizer = os.path.join(args.init_from, "tokenizer.json")
+            if not os.path.exists(args.tokenizer):
+                raise GptparConfigError(
+                    f"--init-from {args.init_from!r} has no tokenizer.json: pass --tokenizer (bpe, bytes or a file)"
+                )
     return args
+
+
+def hf_model_config(args: argparse.Namespace, vocab_size: int | None) -> GPTConfig:
+    """The model of ``--init-from``'s config.json; a flag that contradicts it is an error."""
+    from gptpar.models.hf import HFWeights, config_from_hf
+
+    hf = HFWeights(args.init_from)  # checks the directory's files now, before any worker starts
+    config = config_from_hf(hf.config, vocab_multiple=args.vocab_multiple, dropout=args.dropout or 0.0)
+    hf.close()
+    for flag, field in (("n_layer", "n_layer"), ("n_head", "n_head"), ("d_model", "d_model")):
+        given = getattr(args, flag)
+        if given is not None and given != getattr(config, field):
+            raise GptparConfigError(
+                f"--{flag.replace('_', '-')} {given} contradicts {args.init_from}/config.json ({field}={getattr(config, field)})"
+            )
+    if args.model != "tiny":
+        raise GptparConfigError(f"--model {args.model} and --init-from both name a model: pass one")
+    if args.seq_len is not None and args.seq_len != config.seq_len:
+        if config.position == "learned" or args.seq_len > config.seq_len:
+            raise GptparConfigError(
+                f"--seq-len {args.seq_len}: the model at {args.init_from} takes sequences of up to {config.seq_len}"
+                + (" and has a learned position table of that length" if config.position == "learned" else "")
+            )
+        config = GPTConfig(**{**config.to_dict(), "seq_len": args.seq_len})  # rotary: train on shorter windows
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise GptparConfigError(
+            f"the tokenizer's vocabulary ({vocab_size}) is larger than the model's vocab_size={config.vocab_size}"
+        )
+    return config
 
 
 def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
     """Check every option against every other; raises GptparConfigError naming the value and the rule."""
     rest = args.tp * args.pp * args.cp
-    for name in ("tp", "pp", "cp", "steps", "batch_size"):
+    for name in ("tp", "pp", "cp", "steps", "batch_size", "vocab_multiple"):
         if getattr(args, name) < 1:
             raise GptparConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.dp is None:
@@ -130,14 +173,18 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
     layout = ParallelLayout(tp=args.tp, pp=args.pp, dp=dp, cp=args.cp)
     if nproc != layout.world_size:
         raise GptparConfigError(f"--nproc {nproc} != tp*pp*dp*cp = {layout.world_size}")
-    over = {
-        k: getattr(args, k)
-        for k in ("n_layer", "n_head", "d_model", "seq_len", "dropout")
-        if getattr(args, k) is not None
-    }
-    if vocab_size is not None:
-        over["vocab_size"] = -(-vocab_size // args.tp) * args.tp  # padded to a multiple of tp
-    model = preset(args.model, **over)
+    if args.init_from:
+        model = hf_model_config(args, vocab_size)
+    else:
+        over = {
+            k: getattr(args, k)
+            for k in ("n_layer", "n_head", "d_model", "seq_len", "dropout")
+            if getattr(args, k) is not None
+        }
+        if vocab_size is not None:
+            over["vocab_size"] = vocab_size  # the true vocabulary; the model pads its rows by vocab_multiple
+        over["vocab_multiple"] = args.vocab_multiple
+        model = preset(args.model, **over)
     layout.validate_model(model)
     if args.schedule == "interleaved" and args.pp == 1:
         raise GptparConfigError("--schedule interleaved needs --pp > 1")
@@ -177,6 +224,19 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def keep_tokenizer(tokenizer_json: str | None, init_from: str | None, folder: str) -> None:
+    """Copy the run's tokenizer (and, from a Hugging Face directory, its other tokenizer files) into OUT."""
+    from gptpar.models.hf import TOKENIZER_FILES
+
+    os.makedirs(folder, exist_ok=True)
+    if init_from:
+        for fn in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(init_from, fn)):
+                shutil.copy(os.path.join(init_from, fn), os.path.join(folder, fn))
+    if tokenizer_json:
+        shutil.copy(tokenizer_json, os.path.join(folder, "tokenizer.json"))
+
+
 # ---------------------------------------------------------------------------------------------- worker
 def worker(argv: list[str]) -> None:
     from gptpar import checkpoint
@@ -197,6 +257,8 @@ def worker(argv: list[str]) -> None:
     st = init_parallel(run.layout, seed=args.seed)
     cfg = run.model
     options = {"sequence_parallel": args.sequence_parallel, "recompute": args.recompute}
+    if args.init_from:
+        options["init_weights"] = False  # every parameter is read from --init-from below
     if args.pp > 1:
         v = args.virtual_stages if args.schedule == "interleaved" else 1
         engine, part = make_pipeline(cfg, st, args.schedule, run.micro_batches, v, **options)
@@ -206,6 +268,15 @@ def worker(argv: list[str]) -> None:
     else:
         engine = None
         chunks = [ParallelGPT(cfg, st, **options)]
+    hf_meta = None
+    if args.init_from:
+        from gptpar.models.hf import HFWeights, load_hf_weights
+
+        weights = HFWeights(args.init_from)
+        for c in chunks:  # each rank reads only its own slices; before the optimizer copies any weight
+            load_hf_weights(c, weights, st)
+        weights.close()
+        hf_meta = {"architecture": weights.config.get("architectures", [None])[0], "config": weights.config}
     params = [p for c in chunks for p in c.parameters()]
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reduce_dtype]
     # over dp x cp: cp ranks hold partial gradients (their tokens' share), summed in the same buckets
@@ -224,7 +295,12 @@ def worker(argv: list[str]) -> None:
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                 lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
     scaler = DynamicLossScaler(st) if args.precision == "fp16" else None
-    meta = {"model": cfg.to_dict(), "tokenizer": corpus.tokenizer_path, "data": args.data, "args": vars(args)}
+    tokenizer_dir = os.path.join(args.out, "tokenizer")
+    if st.rank == 0:  # the run keeps its own tokenizer files: generate and export never depend on a cache
+        keep_tokenizer(corpus.tokenizer_path, args.init_from, tokenizer_dir)
+    meta = {"model": cfg.to_dict(), "tokenizer": os.path.join(tokenizer_dir, "tokenizer.json")
+            if corpus.tokenizer_path else None, "tokenizer_dir": tokenizer_dir, "data": args.data, "args": vars(args),
+            "hf": hf_meta}  # fmt: skip
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     folder = checkpoint.latest(args.out)

@@ -112,17 +112,26 @@ def test_checkpoint_reshards_to_another_layout_with_identical_weights(tp2pp2, tp
         assert torch.equal(sd[k], v), k
 
 
-def test_convert_exports_safetensors_and_generate_samples(tp2pp2, tmp_path):
-    from safetensors.torch import load_file
+def test_convert_exports_a_transformers_directory_and_generate_samples(tp2pp2, tmp_path):
+    # `convert` is `export`: a directory transformers loads with every weight (it once wrote gptpar's own
+    # names, which from_pretrained accepted and then ran with random weights)
+    from transformers import AutoModelForCausalLM
 
-    dst = tmp_path / "model.safetensors"
+    from gptpar.tools import load_reference
+
+    dst = tmp_path / "hf"
     res = subprocess.run([sys.executable, "-m", "gptpar.cli", "convert", "--ckpt", str(tp2pp2), "--out", str(dst)],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    tensors = load_file(str(dst))
-    full = checkpoint.load_full_state_dict(checkpoint.latest(str(tp2pp2)))
-    assert set(tensors) == set(full) - {"lm_head.weight"}
-    assert all(torch.equal(tensors[k], full[k]) for k in tensors)
+    hf, info = AutoModelForCausalLM.from_pretrained(str(dst), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ref, _ = load_reference(str(tp2pp2))
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(idx).logits, ref(idx)[0], rtol=1e-5, atol=1e-5)
+    again = subprocess.run([sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(tp2pp2), "--out", str(dst)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
     res = subprocess.run([sys.executable, "-m", "gptpar.cli", "generate", "--ckpt", str(tp2pp2), "--prompt", "import ",
                           "--tokens", "30"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr

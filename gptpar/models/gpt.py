@@ -36,6 +36,11 @@ class GPTConfig:
     Llama 3 ``rope_scaling`` with keys ``factor``, ``low_freq_factor``, ``high_freq_factor``,
     ``original_max_position_embeddings``). ``qk_norm``: RMSNorm over each head's q and k before the rotation
     (Qwen3, OLMo 2 style per head). ``seq_len`` is the longest sequence the model takes.
+
+    ``vocab_size`` is the true vocabulary; the embedding and output layer hold :attr:`padded_vocab` rows (the
+    next multiple of ``vocab_multiple``, whatever the layout, so every tp reads the same checkpoint). Padded
+    rows start at zero, padded logits are masked out of the softmax, the loss and sampling, and never leave
+    the model (the reference returns ``[..., vocab_size]`` logits; a vocab shard holds -inf there).
     """
 
     vocab_size: int = 512
@@ -58,6 +63,7 @@ class GPTConfig:
     head_dim: int | None = None
     qkv_bias: bool | None = None
     qk_norm: bool = False
+    vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
@@ -66,7 +72,7 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
-        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "ffn_hidden", "n_kv_head"):
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "ffn_hidden", "n_kv_head", "vocab_multiple"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise GptparConfigError(f"{name}={v!r} is invalid: it must be a positive integer")
@@ -109,6 +115,11 @@ class GPTConfig:
             raise GptparConfigError(f"dropout={self.dropout} is invalid: it must be in [0, 1)")
 
     @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and the output layer: ``vocab_size`` rounded up to ``vocab_multiple``."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
     def q_size(self) -> int:
         """Width of the queries (and of the attention output): ``n_head * head_dim``."""
         return self.n_head * self.head_dim
@@ -135,8 +146,8 @@ class GPTConfig:
         return cls(**d)
 
     def num_params(self) -> int:
-        """Parameter count of the (unsharded) model, tied embeddings counted once."""
-        h, f, v, L = self.d_model, self.ffn_hidden, self.vocab_size, self.n_layer
+        """Parameter count of the (unsharded) model, tied embeddings counted once, padded vocabulary rows in."""
+        h, f, v, L = self.d_model, self.ffn_hidden, self.padded_vocab, self.n_layer
         b = 1 if self.bias else 0
         norm = h * (2 if (self.norm == "layernorm" and self.bias) else 1)
         fc_out = 2 * f if self.activation == "swiglu" else f
@@ -278,19 +289,20 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Reference GPT. ``forward(idx [b, s], targets [b, s] | None) -> (logits [b, s, V], mean loss | None)``."""
 
-    def __init__(self, config: GPTConfig, seed: int = 1234) -> None:
+    def __init__(self, config: GPTConfig, seed: int = 1234, init_weights: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wte = nn.Embedding(config.padded_vocab, config.d_model)
         if config.position == "learned":
             self.wpe = nn.Embedding(config.seq_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        init_gpt_weights(self, config, seed)
+        if init_weights:
+            init_gpt_weights(self, config, seed)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
         check_sequence(idx, self.config)
@@ -302,7 +314,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # padded rows never leave
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
@@ -346,7 +358,10 @@ def full_init_value(name: str, shape: tuple[int, ...], config: GPTConfig, seed: 
     if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
         std = config.init_std / math.sqrt(2 * config.n_layer)
     g = torch.Generator().manual_seed(_param_seed(seed, name))
-    return torch.empty(shape).normal_(0.0, std, generator=g)
+    full = torch.empty(shape).normal_(0.0, std, generator=g)
+    if name in ("wte.weight", "lm_head.weight"):
+        full[config.vocab_size :] = 0.0  # padded vocabulary rows
+    return full
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from gptpar.parallel.tensor import (
     head_split,
     mark_sequence_parallel,
     shard_tensor,
+    skip_init,
     tp_spec,
     unshard_tensor,
     vocab_parallel_cross_entropy,
@@ -178,6 +179,9 @@ class ParallelGPT(nn.Module):
     global (``blocks.7.attn.qkv.weight``). With tied embeddings split across stages, the head holds its
     own copy of the embedding, initialised identically; :meth:`tied_parameters` lists it for the
     pipeline engine, which sums the two copies' gradients.
+
+    ``init_weights=False`` leaves the parameters uninitialised, for a load right after (e.g.
+    :func:`gptpar.models.hf.from_hf`, which reads each rank's slices).
     """
 
     def __init__(
@@ -191,8 +195,13 @@ class ParallelGPT(nn.Module):
         cp_sharding: str = "zigzag",
         units: tuple[int, int] | None = None,
         recompute: bool = False,
+        init_weights: bool = True,
     ) -> None:
         super().__init__()
+        with contextlib.nullcontext() if init_weights else skip_init():
+            self._build(config, state, seed, sequence_parallel, cp_impl, cp_sharding, units, recompute, init_weights)
+
+    def _build(self, config, state, seed, sequence_parallel, cp_impl, cp_sharding, units, recompute, init_weights):
         state.layout.validate_model(config)
         if cp_impl not in CP_IMPLS:
             raise GptparConfigError(f"cp_impl={cp_impl!r} is unknown; expected one of {CP_IMPLS}")
@@ -231,7 +240,7 @@ class ParallelGPT(nn.Module):
         self.rng = TPRngTracker(state.seed_for("tp_local"), state.device) if config.dropout > 0 else None
         sp = self.sequence_parallel
         if self.has_embedding:
-            self.wte = VocabParallelEmbedding(config.vocab_size, config.d_model, group=tp, sequence_parallel=sp)
+            self.wte = VocabParallelEmbedding(config.padded_vocab, config.d_model, group=tp, sequence_parallel=sp)
             if config.position == "learned":
                 self.wpe = nn.Embedding(config.seq_len, config.d_model)
             self.drop = nn.Dropout(config.dropout)
@@ -244,13 +253,14 @@ class ParallelGPT(nn.Module):
         if self.has_head:
             self.ln_f = make_norm(config, fused=True)
             self.lm_head = ColumnParallelLinear(
-                config.d_model, config.vocab_size, bias=False, group=tp, sequence_parallel=sp
+                config.d_model, config.padded_vocab, bias=False, group=tp, sequence_parallel=sp
             )
             if config.tie_embeddings and self.has_embedding:
                 self.lm_head.weight = self.wte.weight  # both [V/tp, h], split the same way
             elif config.tie_embeddings:
                 self.lm_head.weight.pipeline_tied_copy = True  # the second copy: count it once in norms
-        init_gpt_weights(self, config, seed, tp.size, tp.rank)
+        if init_weights:
+            init_gpt_weights(self, config, seed, tp.size, tp.rank)
         if sp:  # parameters used on this rank's tokens only: all-reduce their gradients over tp
             if self.has_embedding and config.position == "learned":
                 mark_sequence_parallel(self.wpe.weight, tp)
@@ -296,8 +306,14 @@ class ParallelGPT(nn.Module):
         return self.drop(x)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None, seq_len: int, ignore_index: int = -100):
-        """Hidden ``[s', b, h]`` -> ``(logits [b, s/cp, V/tp], global mean loss | None)``."""
+        """Hidden ``[s', b, h]`` -> ``(logits [b, s/cp, V/tp], global mean loss | None)``. Padded vocabulary
+        columns (``>= vocab_size``) hold -inf: out of the softmax, the loss and sampling."""
         logits = self.lm_head(self.ln_f(x)).transpose(0, 1)
+        local = logits.shape[-1]
+        first_padded = self.config.vocab_size - self.tp.rank * local  # local index of the first padded column
+        if first_padded < local:
+            pad = torch.arange(local, device=logits.device) >= first_padded
+            logits = logits.masked_fill(pad, float("-inf"))
         if targets is None:
             return logits, None
         if self.cp.size > 1:
@@ -334,6 +350,32 @@ class ParallelGPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- state dicts
+def tp_layout(name: str, config: GPTConfig) -> tuple[int | None, object]:
+    """The tensor-parallel spec ``(dim, chunks)`` ParallelGPT gives parameter ``name`` (reference names)."""
+    if name in ("wte.weight", "lm_head.weight"):
+        return 0, 1
+    leaf = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    if leaf in ("attn.qkv.weight", "attn.qkv.bias"):
+        return 0, config.qkv_chunks
+    if leaf in ("mlp.fc.weight", "mlp.fc.bias"):
+        return 0, 2 if config.activation == "swiglu" else 1
+    if leaf in ("attn.proj.weight", "mlp.proj.weight"):
+        return 1, 1
+    return None, 1
+
+
+def full_param_specs(config: GPTConfig) -> dict[str, tuple[tuple[int, ...], int | None, object]]:
+    """``name -> (full shape, tp dim, chunks)`` of every ParallelGPT parameter (tied names included), with no
+    process group and no memory (a meta-device reference model): what a loader needs to read any rank's
+    slices."""
+    from gptpar.models.gpt import GPT
+
+    with torch.device("meta"):
+        ref = GPT(config, init_weights=False)
+    return {n: (tuple(p.shape), *tp_layout(n, config)) for n, p in ref.named_parameters(remove_duplicate=False)}
+
+
+
 def _specs(model: nn.Module) -> dict[str, tuple[int | None, int]]:
     # remove_duplicate=False: a tied weight appears under both of its names, as in state_dict().
     return {n: tp_spec(p) for n, p in model.named_parameters(remove_duplicate=False)}

@@ -139,11 +139,19 @@ class ParallelLayout:
                 f"n_kv_head={n_kv} and tp={self.tp}: tp must divide the K/V heads, or be a multiple of them "
                 "(each K/V head is then replicated on the tp/n_kv_head ranks whose query heads use it)"
             )
-        if config.vocab_size % self.tp:
-            problems.append(
-                f"vocab_size={config.vocab_size} is not divisible by tp={self.tp} "
-                "(the embedding and the output layer are split by vocabulary; pad the vocabulary to a multiple of tp)"
-            )
+        padded = getattr(config, "padded_vocab", config.vocab_size)
+        if padded % self.tp:
+            if padded == config.vocab_size:
+                problems.append(
+                    f"vocab_size={config.vocab_size} is not divisible by tp={self.tp} "
+                    "(the embedding and the output layer are split by vocabulary; pad the vocabulary to a multiple "
+                    "of tp, e.g. with vocab_multiple)"
+                )
+            else:
+                problems.append(
+                    f"vocab_size={config.vocab_size} padded to vocab_multiple={config.vocab_multiple} gives {padded} "
+                    f"rows, not divisible by tp={self.tp} (the embedding and the output layer are split by vocabulary)"
+                )
         if config.ffn_hidden % self.tp:
             problems.append(
                 f"ffn_hidden={config.ffn_hidden} is not divisible by tp={self.tp} (the MLP is split by columns)"

@@ -13,6 +13,8 @@ weight at a time on the host; it is not used for loading checkpoints, which go s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -152,6 +154,21 @@ def replicated_rows(local: int, chunks: Chunks, size: int) -> tuple[int, int]:
     return distinct, (sharing.pop() if sharing else 1)
 
 
+_SKIP_INIT = False
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Layers built inside leave their parameters uninitialised (no full-size weight is made to shard):
+    for models whose weights are loaded right after, e.g. from a checkpoint, slice by slice."""
+    global _SKIP_INIT
+    outer, _SKIP_INIT = _SKIP_INIT, True
+    try:
+        yield
+    finally:
+        _SKIP_INIT = outer
+
+
 def _check_divisible(what: str, value: int, group: Group) -> int:
     if value % group.size:
         raise GptparConfigError(f"{what}={value} is not divisible by the '{group.name}' group size {group.size}")
@@ -233,6 +250,8 @@ class ColumnParallelLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if _SKIP_INIT:
+            return
         full = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)  # same RNG calls as nn.Linear
         load_full_(self.weight, full.weight, self.group)
         if self.bias is not None:
@@ -306,6 +325,8 @@ class RowParallelLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if _SKIP_INIT:
+            return
         full = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         load_full_(self.weight, full.weight, self.group)
         if self.bias is not None:
@@ -357,6 +378,8 @@ class VocabParallelEmbedding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if _SKIP_INIT:
+            return
         load_full_(self.weight, nn.Embedding(self.num_embeddings, self.embedding_dim).weight, self.group)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -226,7 +226,7 @@ class PipelineEngine:
         if not self.has_tied_split:
             return
         cfg = self.chunks[0].config
-        shape = (cfg.vocab_size // self.state.tp.size, cfg.d_model)
+        shape = (cfg.padded_vocab // self.state.tp.size, cfg.d_model)
         buf = torch.zeros(shape, dtype=self.dtype, device=self.state.device)
         for t in self.tied:
             if t.grad is not None:

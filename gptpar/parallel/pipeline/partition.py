@@ -62,7 +62,7 @@ def unit_names(config: GPTConfig) -> list[str]:
 
 
 def unit_costs(config: GPTConfig, model: str = "params", seq_len: int | None = None) -> list[float]:
-    h, f, v, L = config.d_model, config.ffn_hidden, config.vocab_size, config.n_layer
+    h, f, v, L = config.d_model, config.ffn_hidden, config.padded_vocab, config.n_layer
     s = seq_len or config.seq_len
     wpe = config.seq_len * h if config.position == "learned" else 0
     if model == "params":
