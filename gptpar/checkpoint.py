@@ -67,7 +67,8 @@ def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dic
         for n, p in chunk.named_parameters(remove_duplicate=False):
             params[n] = p.detach().cpu().clone()
             specs[n] = list(tp_spec(p))
-    rng = {"torch": torch.get_rng_state()}
+    rng = {"torch": torch.get_rng_state(),  # tp-local dropout streams too: resume with dropout is bitwise
+           "tp_local": [c.rng.state_dict() if getattr(c, "rng", None) is not None else None for c in chunks]}
     if torch.cuda.is_available() and state.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(state.device)
     blob = {
@@ -75,6 +76,7 @@ def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dic
         "specs": specs,
         "coords": state.coords,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer_by_name": optimizer_state_by_name(optimizer, chunks) if optimizer is not None else None,
         "rng": rng,
         "extra": extra or {},
     }
@@ -100,6 +102,91 @@ def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dic
     return final
 
 
+# ---------------------------------------------------------------------------------------------- optimizer state
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_state_by_name(optimizer, chunks) -> dict:
+    """The optimizer's state keyed by parameter name, in a form any layout can reassemble: AdamW moments
+    as this rank's tp pieces (shaped like its parameter); ZeRO-1's flat slices as ``(start, end, state)``
+    pieces of each parameter's tp-local flat range (plus its fp32 masters); the step count."""
+    from gptpar.parallel.zero import ZeroAdamW
+
+    names = {}
+    for c in chunks:
+        for n, p in c.named_parameters():
+            names.setdefault(p, n)
+    if isinstance(optimizer, ZeroAdamW):
+        pieces: dict[str, list] = {}
+        for prm, start, end, views in optimizer.param_pieces():
+            pieces.setdefault(names[prm], []).append((start, end, {k: v.clone() for k, v in views.items()}))
+        return {"kind": "zero", "step": optimizer.t, "pieces": pieces}
+    dense, step = {}, 0
+    for p, n in names.items():
+        st = optimizer.state.get(p)
+        if st and "exp_avg" in st:
+            dense[n] = {k: st[k].detach().clone() for k in ADAM_KEYS}
+            step = int(st["step"])
+    return {"kind": "adamw", "step": step, "dense": dense}
+
+
+def _full_optimizer_state(folder: str, meta: dict) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """Every parameter's optimizer state as full (reference-layout) tensors, from any layout's files."""
+    by_tp: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    specs, shapes, step = {}, {}, 0
+    for r in range(meta["world_size"]):
+        blob = _load(os.path.join(folder, f"rank_{r:05d}.pt"), mmap=True)
+        opt = blob.get("optimizer_by_name")
+        if opt is None:
+            raise GptparConfigError(f"checkpoint {folder!r} predates layout-independent optimizer state")
+        c, step = blob["coords"], opt["step"]
+        for n, spec in blob["specs"].items():
+            specs[n] = tuple(spec)
+        if opt["kind"] == "adamw":
+            if c["dp"] == 0 and c["cp"] == 0:  # dp and cp replicas hold the same moments
+                for n, st in opt["dense"].items():
+                    by_tp.setdefault(n, {})[c["tp"]] = st
+            continue
+        for n, pieces in opt["pieces"].items():  # ZeRO: slices spread over dp x cp, per tp rank
+            local = blob["params"][n]
+            shapes[n, c["tp"]] = local.shape
+            flat = by_tp.setdefault(n, {}).setdefault(
+                c["tp"], {k: torch.zeros(local.numel()) for k in ("master", *ADAM_KEYS)}
+            )
+            for start, end, st in pieces:
+                for k, v in st.items():
+                    flat[k][start:end] = v
+    for (n, t), shape in shapes.items():
+        by_tp[n][t] = {k: v.view(shape) for k, v in by_tp[n][t].items()}
+    full = {}
+    for n, pieces in by_tp.items():
+        dim, chunks = specs[n]
+        keys = pieces[min(pieces)].keys()
+        full[n] = {k: unshard_tensor([pieces[t][k] for t in sorted(pieces)], dim, chunks) if dim is not None
+                   else pieces[min(pieces)][k].clone() for k in keys}  # fmt: skip
+    return full, step
+
+
+@torch.no_grad()
+def load_optimizer_resharded(folder: str, meta: dict, optimizer, chunks, state: ParallelState) -> None:
+    """Give ``optimizer`` (torch AdamW or ZeRO-1, at this rank's layout) the state saved at any layout."""
+    from gptpar.parallel.zero import ZeroAdamW
+
+    full, step = _full_optimizer_state(folder, meta)
+    local = {}
+    for c in chunks:
+        for n, p in c.named_parameters():
+            if n not in full:
+                raise GptparConfigError(f"checkpoint {folder!r} has no optimizer state for {n!r}")
+            dim, ch = tp_spec(p)
+            local[p] = {k: shard_tensor(v, dim, ch, state.tp.size, state.tp.rank).to(p.device) for k, v in full[n].items()}
+    if isinstance(optimizer, ZeroAdamW):
+        optimizer.load_param_state(lambda p: local[p], step)
+        return
+    for p, st in local.items():
+        optimizer.state[p] = {"step": torch.tensor(float(step)), **{k: st[k].to(p.dtype).contiguous() for k in ADAM_KEYS}}
+
+
 def read_meta(folder: str) -> dict:
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
@@ -108,8 +195,8 @@ def read_meta(folder: str) -> dict:
         return json.load(f)
 
 
-def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load(path: str, mmap: bool = False) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def iter_full_tensors(folder: str, names: list[str] | None = None):
@@ -175,6 +262,9 @@ def load(folder: str, chunks, optimizer, state: ParallelState, config_dict: dict
         if optimizer is not None and blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["rng"]["torch"])
+        for c, sd in zip(chunks, blob["rng"].get("tp_local", []), strict=False):
+            if sd is not None and getattr(c, "rng", None) is not None:
+                c.rng.load_state_dict(sd)
         if "cuda" in blob["rng"] and state.device.type == "cuda":
             torch.cuda.set_rng_state(blob["rng"]["cuda"], state.device)
         meta["resharded"] = False
@@ -189,8 +279,10 @@ def load(folder: str, chunks, optimizer, state: ParallelState, config_dict: dict
                     raise GptparConfigError(f"checkpoint {folder!r} has no parameter {n!r}")
                 dim, c = tp_spec(p)
                 p.copy_(shard_tensor(src, dim, c, state.tp.size, state.tp.rank))
+    if optimizer is not None:
+        load_optimizer_resharded(folder, meta, optimizer, chunks, state)
     meta["resharded"] = True
     meta["extra"] = {}
     if state.rank == 0:
-        print(f"gptpar: resharded checkpoint from {meta['layout']} to {state.layout}; optimizer state starts fresh")
+        print(f"gptpar: resharded checkpoint from {meta['layout']} to {state.layout} (weights and optimizer state)")
     return meta

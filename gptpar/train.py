@@ -243,7 +243,7 @@ def worker(argv: list[str]) -> None:
     from gptpar.data import get_batch, prepare
     from gptpar.models.parallel_gpt import ParallelGPT
     from gptpar.parallel import comm
-    from gptpar.parallel.data import DataParallel
+    from gptpar.parallel.data import DataParallel, global_token_count
     from gptpar.parallel.mesh import init_parallel
     from gptpar.parallel.zero import ZeroAdamW
     from gptpar.pipeline import make_pipeline
@@ -280,8 +280,8 @@ def worker(argv: list[str]) -> None:
     params = [p for c in chunks for p in c.parameters()]
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reduce_dtype]
     # over dp x cp: cp ranks hold partial gradients (their tokens' share), summed in the same buckets
-    ddp = (
-        DataParallel(params, st, reduce_dtype=reduce_dtype, shard_grads=args.zero)
+    ddp = (  # summed, not averaged: each rank's loss is already its share of the global token-weighted mean
+        DataParallel(params, st, reduce_dtype=reduce_dtype, shard_grads=args.zero, average=False)
         if st.dp.size * st.cp.size > 1
         else None
     )
@@ -306,9 +306,7 @@ def worker(argv: list[str]) -> None:
     folder = checkpoint.latest(args.out)
     if (args.resume or restarted) and folder is not None:
         loaded = checkpoint.load(folder, chunks, opt, st, cfg.to_dict())
-        start = loaded["step"]
-        if args.zero and loaded["resharded"]:
-            opt.reset_from_params()  # fresh optimizer state, as torch's; masters from the loaded weights
+        start = loaded["step"]  # weights and optimizer state, resharded if the layout changed
         if scaler is not None and "scaler" in loaded["extra"]:
             scaler.load_state_dict(loaded["extra"]["scaler"])
     rank0 = st.rank == 0
@@ -362,10 +360,11 @@ def worker(argv: list[str]) -> None:
         x, y = get_batch(corpus.train, cfg.seq_len, per_dp, args.seed, step, st.dp.rank, st.dp.size)
         x, y = x.to(st.device), y.to(st.device)
         scale = scaler.scale if scaler else 1.0
+        count = global_token_count(y, st)  # the loss is sum over valid tokens / this, at every layout
         if engine is not None:
             sync = ddp.no_sync() if ddp else contextlib.nullcontext()
             with sync, autocast(args.precision, device_type):
-                loss = engine.step(x, y, loss_scale=scale)
+                loss = engine.step(x, y, loss_scale=scale, normalizer=count)
             comm_s += engine.last_stats.blocked_s
         else:
             xs, ys = x.chunk(m), y.chunk(m)
@@ -374,10 +373,10 @@ def worker(argv: list[str]) -> None:
                 sync = ddp.no_sync() if (ddp and i < m - 1) else contextlib.nullcontext()
                 with sync:
                     with autocast(args.precision, device_type):
-                        _, loss_i = chunks[0](xs[i], ys[i])
-                    (loss_i * (scale / m)).backward()
+                        _, loss_i = chunks[0](xs[i], ys[i], loss_normalizer=count)
+                    (loss_i * scale).backward()
                 total += loss_i.detach().float()
-            loss = total / m
+            loss = total
         tc = time.perf_counter()
         if ddp:
             ddp.finish()
@@ -400,8 +399,8 @@ def worker(argv: list[str]) -> None:
         else:
             opt.zero_grad(set_to_none=True)
         loss = loss.detach().float()
-        comm.all_reduce(loss, st.dp)
-        loss_value = loss.item() / st.dp.size
+        comm.all_reduce(loss, st.dp)  # the dp ranks' shares add up to the global token-weighted mean
+        loss_value = loss.item()
         dt = time.perf_counter() - t0
         tokens = args.batch_size * cfg.seq_len
         tokens_done += tokens

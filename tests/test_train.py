@@ -164,12 +164,12 @@ def test_zero1_resume_is_bitwise_identical_and_reshards_to_plain_adamw(tmp_path,
     fa = checkpoint.load_full_state_dict(checkpoint.latest(str(a)))
     fb = checkpoint.load_full_state_dict(checkpoint.latest(str(b)))
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
-    # the same weights continue on one process with torch's AdamW (optimizer state starts fresh there) ...
+    # the same weights continue on one process with torch's AdamW (optimizer state resharded to it) ...
     shutil.copytree(b, c)
     res = train(c, "--nproc", "1", "--resume", cache=cache, steps=8)
     assert "resharded checkpoint" in res.stdout
-    # ... and from there, resharded back to ZeRO-1 (fresh sharded state, masters from the loaded weights),
-    # step for step with torch's AdamW resharded from the same checkpoint (fresh state too)
+    # ... and from there, resharded back to ZeRO-1 (sharded state from the saved moments, masters from the
+    # loaded weights), step for step with torch's AdamW resharded from the same checkpoint
     d, e = tmp_path / "d", tmp_path / "e"
     shutil.copytree(c, d)
     shutil.copytree(c, e)
@@ -307,3 +307,54 @@ def test_llama_checkpoint_reshards_and_generates(llama_runs, tp):
                               "def ", "--tokens", "20"], capture_output=True, text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("def ") and len(res.stdout) > len("def ") + 5
+
+
+def _rewind(src, dst, step):
+    """A copy of run ``src`` whose latest checkpoint is ``step`` (the later ones removed)."""
+    shutil.copytree(src, dst)
+    root = os.path.join(dst, "checkpoints")
+    for name in os.listdir(root):
+        if name.startswith("step_") and int(name[5:]) > step:
+            shutil.rmtree(os.path.join(root, name))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(f"step_{step:06d}")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [["--nproc", "4", "--dp", "4"], ["--nproc", "4", "--tp", "4"], ["--nproc", "2", "--pp", "2"], ["--nproc", "1"],
+     ["--nproc", "2", "--dp", "2", "--zero"]],
+    ids=["dp4", "tp4", "pp2", "tp1", "dp2-zero1"],
+)  # fmt: skip
+def test_resume_at_another_layout_continues_the_uninterrupted_curve(single, tp2pp2, tmp_path, cache, layout):
+    # tp2 x pp2 saved at step 10 with AdamW; the moments and step count move to the new layout with the
+    # weights (they used to start fresh: loss +0.7 two steps later)
+    run = tmp_path / "run"
+    _rewind(tp2pp2, run, 10)
+    res = train(run, *layout, "--resume", cache=cache)
+    assert "resharded checkpoint" in res.stdout and "weights and optimizer state" in res.stdout
+    want, got = losses(single), losses(run)
+    assert [r["step"] for r in got] == list(range(1, 21))
+    for w, g in zip(want[10:], got[10:], strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
+
+
+def test_zero1_state_reshards_to_tensor_parallel_adamw(single, tmp_path, cache):
+    base, run = tmp_path / "zero", tmp_path / "run"
+    train(base, "--nproc", "2", "--dp", "2", "--zero", "--save-every", "10", cache=cache)
+    _rewind(base, run, 10)
+    train(run, "--nproc", "2", "--tp", "2", "--resume", cache=cache)  # ZeRO's slices -> AdamW's tp pieces
+    want, got = losses(single), losses(run)
+    for w, g in zip(want[10:], got[10:], strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
+
+
+def test_resume_with_dropout_under_tp_and_sp_is_bitwise(tmp_path, cache):
+    # the tp-local dropout stream (attention, and with SP the sequence-sharded activations) is in the
+    # checkpoint beside the default generator
+    a, b = tmp_path / "a", tmp_path / "b"
+    opts = ["--nproc", "2", "--tp", "2", "--sequence-parallel", "--dropout", "0.2", "--save-every", "3"]
+    train(a, *opts, cache=cache, steps=6)
+    train(b, *opts, cache=cache, steps=3)
+    train(b, *opts, "--resume", cache=cache, steps=6)
+    assert [r["loss"] for r in losses(a)] == [r["loss"] for r in losses(b)]

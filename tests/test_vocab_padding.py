@@ -71,3 +71,34 @@ def test_padding_rules_name_the_values():
     cfg = GPTConfig(vocab_size=257, vocab_multiple=3, n_head=3, d_model=48)
     with pytest.raises(GptparConfigError, match="padded to vocab_multiple=3 gives 258 rows, not divisible by tp=4"):
         ParallelLayout(tp=4).validate_model(cfg)
+
+
+def _save(out, tp):
+    from gptpar import checkpoint
+
+    st = init_parallel(ParallelLayout(tp=tp))
+    model = ParallelGPT(PADDED, st, seed=77)
+    checkpoint.save(out, 1, [model], None, st, {"model": PADDED.to_dict()})
+    return True
+
+
+def _load(out, tp):
+    from gptpar import checkpoint
+
+    st = init_parallel(ParallelLayout(tp=tp))
+    model = ParallelGPT(PADDED, st, seed=1)  # other weights, overwritten by the load
+    checkpoint.load(checkpoint.latest(out), [model], None, st, PADDED.to_dict())
+    idx, tgt = batch(PADDED)
+    return model(idx, tgt)[1].detach(), gather_state_dict(model, st.tp)
+
+
+def test_a_vocab_257_checkpoint_loads_at_every_tp(tmp_path):
+    out = str(tmp_path / "run")
+    run_distributed(_save, 2, out, 2)
+    want = GPT(PADDED, seed=77)
+    idx, tgt = batch(PADDED)
+    want_loss = want(idx, tgt)[1].detach()
+    for tp in (1, 4):
+        for loss, sd in run_distributed(_load, tp, out, tp):
+            close(loss, want_loss, f"tp={tp} loss")
+            assert all(torch.equal(sd[k], v) for k, v in want.state_dict().items())

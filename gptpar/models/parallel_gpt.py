@@ -25,7 +25,7 @@ from gptpar.ops.rope import rope_qkv
 from gptpar.parallel import comm
 from gptpar.parallel.context import SeqShard, ring_attention, seq_shards, ulysses_attention
 from gptpar.parallel.mesh import Group, ParallelState
-from gptpar.parallel.random import TPRngTracker
+from gptpar.parallel.random import TPRngTracker, check_same_default_rng
 from gptpar.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -64,6 +64,7 @@ class ParallelSelfAttention(nn.Module):
         super().__init__()
         group = state.tp
         self.config, self.group, self.cp, self.rng, self.cp_impl = config, group, state.cp, rng, cp_impl
+        self.sequence_parallel = sequence_parallel and group.size > 1
         self.local_heads = config.n_head // group.size
         self.local_kv_heads, sharing = head_split(config.n_kv_head, group.size)
         self.shards: list[SeqShard] | None = None  # set by ParallelGPT.forward for the current sequence
@@ -107,15 +108,27 @@ class ParallelSelfAttention(nn.Module):
             qkv = rope_qkv(qkv, *self.rope, nh + nkv)  # q and k heads, one pass (Triton on GPUs)
         q, k, v = (t.permute(1, 2, 0, 3) for t in qkv.split([nh, nkv, nkv], dim=2))  # [b, heads, s, hd]
         y = self._core(q, k, v).permute(2, 0, 1, 3).reshape(s, b, nh * hd)
-        return self.resid_drop(self.proj(y))
+        return sharded_dropout(self.resid_drop, self.proj(y), self.rng, self.sequence_parallel)
+
+
+def sharded_dropout(drop: nn.Dropout, x: torch.Tensor, rng: TPRngTracker | None, sharded: bool) -> torch.Tensor:
+    """Dropout on ``x``; when ``x`` is sharded across tp (sequence parallelism), on the tp rank's own stream
+    (its tokens differ from the other ranks', so must its masks)."""
+    if sharded and rng is not None and drop.training and drop.p > 0:
+        with rng.fork():
+            return drop(x)
+    return drop(x)
 
 
 class ParallelMLP(nn.Module):
     """Column-parallel fc (gate|up blocks for SwiGLU), activation, row-parallel proj. ``[s', b, h] -> [s', b, h]``."""
 
-    def __init__(self, config: GPTConfig, group: Group, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self, config: GPTConfig, group: Group, sequence_parallel: bool = False, rng: TPRngTracker | None = None
+    ) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.rng = config, rng
+        self.sequence_parallel = sequence_parallel and group.size > 1
         swiglu = config.activation == "swiglu"
         fc_out = 2 * config.ffn_hidden if swiglu else config.ffn_hidden
         sp = sequence_parallel
@@ -134,7 +147,7 @@ class ParallelMLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(self.fc(x)))
+        return sharded_dropout(self.drop, self.proj(self.fc(x)), self.rng, self.sequence_parallel)
 
 
 class ParallelBlock(nn.Module):
@@ -150,7 +163,7 @@ class ParallelBlock(nn.Module):
         self.ln_1 = make_norm(config, fused=True)
         self.attn = ParallelSelfAttention(config, state, rng, sequence_parallel, cp_impl)
         self.ln_2 = make_norm(config, fused=True)
-        self.mlp = ParallelMLP(config, state.tp, sequence_parallel)
+        self.mlp = ParallelMLP(config, state.tp, sequence_parallel, rng)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -238,6 +251,8 @@ class ParallelGPT(nn.Module):
         self.cp_sharding = cp_sharding
         seed = state.seed_for("params") if seed is None else seed
         self.rng = TPRngTracker(state.seed_for("tp_local"), state.device) if config.dropout > 0 else None
+        if config.dropout > 0:
+            check_same_default_rng(tp, state.device)  # replicated activations need identical masks
         sp = self.sequence_parallel
         if self.has_embedding:
             self.wte = VocabParallelEmbedding(config.padded_vocab, config.d_model, group=tp, sequence_parallel=sp)
@@ -300,14 +315,14 @@ class ParallelGPT(nn.Module):
                 n = x.shape[0]
                 pos = pos[self.tp.rank * n : (self.tp.rank + 1) * n]
             x = x + self.wpe(pos).unsqueeze(1)
-        if self.sequence_parallel and self.rng is not None and self.training:
-            with self.rng.fork():  # each tp rank holds different tokens: their dropout masks are its own
-                return self.drop(x)
-        return self.drop(x)
+        return sharded_dropout(self.drop, x, self.rng, self.sequence_parallel)
 
-    def head(self, x: torch.Tensor, targets: torch.Tensor | None, seq_len: int, ignore_index: int = -100):
-        """Hidden ``[s', b, h]`` -> ``(logits [b, s/cp, V/tp], global mean loss | None)``. Padded vocabulary
-        columns (``>= vocab_size``) hold -inf: out of the softmax, the loss and sampling."""
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None, seq_len: int, ignore_index: int = -100,
+             loss_normalizer: torch.Tensor | float | None = None):  # fmt: skip
+        """Hidden ``[s', b, h]`` -> ``(logits [b, s/cp, V/tp], loss | None)``: the sum of the valid tokens'
+        losses (over cp too) divided by their count, or by ``loss_normalizer`` when given (a count over more
+        tokens than this call sees: micro-batches, dp ranks). Padded vocabulary columns
+        (``>= vocab_size``) hold -inf: out of the softmax, the loss and sampling."""
         logits = self.lm_head(self.ln_f(x)).transpose(0, 1)
         local = logits.shape[-1]
         first_padded = self.config.vocab_size - self.tp.rank * local  # local index of the first padded column
@@ -319,12 +334,15 @@ class ParallelGPT(nn.Module):
         if self.cp.size > 1:
             targets = targets.index_select(1, self._shards(seq_len)[self.cp.rank].positions(targets.device))
         per_token = vocab_parallel_cross_entropy(logits, targets, self.tp, ignore_index)
-        count = (targets != ignore_index).sum().to(per_token.dtype)
         total = comm.reduce_from_region(per_token.sum(), self.cp)  # global sum; gradient 1 per rank
+        if loss_normalizer is not None:
+            return logits, total / loss_normalizer
+        count = (targets != ignore_index).sum().to(per_token.dtype)
         count = comm.all_reduce(count.clone(), self.cp)
         return logits, total / count.clamp(min=1)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
+                loss_normalizer: torch.Tensor | float | None = None):  # fmt: skip
         if self.has_embedding:
             seq_len = idx.shape[1]
             x = self.embed(idx)
@@ -346,7 +364,7 @@ class ParallelGPT(nn.Module):
                 x = block(x)
         if not self.has_head:
             return x
-        return self.head(x, targets, seq_len, ignore_index)
+        return self.head(x, targets, seq_len, ignore_index, loss_normalizer)
 
 
 # ---------------------------------------------------------------------------------------------- state dicts

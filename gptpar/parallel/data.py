@@ -9,9 +9,10 @@ what is still in flight. Under :meth:`no_sync` (all but the last micro-batch of 
 Reduction precision (``reduce_dtype``):
 
 * ``float32``: one all-reduce per bucket.
-* ``bfloat16`` / ``float16``: low-precision on the wire, fp32 accumulation: the bucket is pre-scaled by
-  ``1/dp`` and cast (``gptpar.ops.pack_cast``, optionally with error feedback), all-to-all'ed so each rank
-  receives every rank's copy of its ``1/dp`` slice, summed locally in fp32, cast once, and all-gathered.
+* ``bfloat16`` / ``float16``: low-precision on the wire, fp32 accumulation: the bucket is cast unscaled
+  (``gptpar.ops.pack_cast``, optionally with error feedback; dividing by dp first would flush small fp16
+  gradients to zero), all-to-all'ed so each rank receives every rank's copy of its ``1/dp`` slice, summed
+  locally in fp32 and scaled by ``1/dp`` there, cast once, and all-gathered.
   Every value is rounded twice whatever dp is, so the error does not grow with the number of ranks.
 
 Hierarchical (Horovod-style, ``hierarchical=True`` or automatic when the dp group spans nodes):
@@ -43,6 +44,15 @@ REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.no_grad()
+def global_token_count(targets: torch.Tensor, state, ignore_index: int = -100) -> torch.Tensor:
+    """The number of valid targets (not ``ignore_index``) in the global batch: this dp rank's ``targets``
+    (its rows, whole sequences: cp ranks hold the same) summed over dp. One all-reduce. Divide summed token
+    losses by it (``ParallelGPT(..., loss_normalizer=)``, ``PipelineEngine.step(normalizer=)``) and reduce
+    with ``DataParallel(average=False)`` for the token-weighted mean of the whole batch at any layout."""
+    count = (targets != ignore_index).sum().to(torch.float32).to(state.device).reshape(1)
+    return comm.all_reduce(count, state.dp)[0].clamp(min=1)
+
+
 def allreduce_gradients(model: nn.Module, group: Group, average: bool = False) -> None:
     """Sum (or average) every parameter's ``.grad`` over ``group``, one flat all-reduce per dtype. No
     buckets, no overlap: the simple tool for small groups (e.g. cp) and tests."""
@@ -75,7 +85,7 @@ class Bucket:
     phases: tuple = ()  # the reduction's steps: each takes the previous collective's output (see _plan)
     issued: int = 0  # how many phases have been issued
     work: object = None  # the collective in flight (comm.Pending), or None
-    residual: torch.Tensor | None = None  # error feedback (fp32, scaled units)
+    residual: torch.Tensor | None = None  # error feedback (fp32, in gradient units)
     shard: torch.Tensor | None = None  # ZeRO: this rank's reduced slice (fp32)
 
     def views(self):
@@ -265,8 +275,10 @@ class DataParallel:
         scale = 1.0 / self.state.dp.size if self.average else 1.0  # summed over cp, averaged over dp
         fp32 = self.reduce_dtype == torch.float32 and b.grad.dtype == torch.float32
 
-        def sum_slices(out):  # every rank's copy of my slice, summed in fp32
+        def sum_slices(out):  # every rank's copy of my slice, summed in fp32, then scaled (no underflow)
             slice_sum = out.view(p, -1).float().sum(0)
+            if not fp32 and scale != 1.0:
+                slice_sum.mul_(scale)
             if self.shard_grads:
                 b.shard = slice_sum
                 return None
@@ -276,8 +288,8 @@ class DataParallel:
             b.grad.zero_()
             unpack_accumulate(gathered, [b.grad], 1.0)  # low precision -> the bucket's dtype, one pass
 
-        if not fp32:
-            low = pack_cast([b.grad], scale, self.reduce_dtype, b.residual)
+        if not fp32:  # cast unscaled: dividing by dp first would flush small gradients to zero in fp16
+            low = pack_cast([b.grad], 1.0, self.reduce_dtype, b.residual)
             return (comm.all_to_all_async(low, self.group), sum_slices, unpack)
         if scale != 1.0:
             b.grad.mul_(scale)

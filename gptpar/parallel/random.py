@@ -1,16 +1,24 @@
 """RNG for dropout under tensor parallelism.
 
 Regions replicated across tp (residual stream, norms) must draw the *same* dropout masks on every tp
-rank; they use the default generator, which every tp rank seeds and advances identically. Regions split
-across tp (attention probabilities of the local heads) must draw *different* masks per rank; they run
-inside :meth:`TPRngTracker.fork`, which swaps in a generator seeded per tp rank and swaps it back out.
+rank; they use the default generator, which every tp rank seeds and advances identically
+(:func:`check_same_default_rng` verifies the seeding once, at model construction). Regions split across
+tp, Megatron's rule, must draw *different* masks per rank: attention probabilities of the local heads and,
+with sequence parallelism, every activation sharded along the sequence (embedding output, attention and
+MLP outputs before the residual add). They run inside :meth:`TPRngTracker.fork`, which swaps in a
+generator seeded per tp rank and swaps it back out. Both streams go into checkpoints
+(:meth:`TPRngTracker.state_dict`), so a resume with dropout is bitwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
+
+from gptpar.errors import GptparConfigError
+from gptpar.parallel import comm
 
 
 class TPRngTracker:
@@ -46,6 +54,12 @@ class TPRngTracker:
             self._state = self._get()
             self._set(outer)
 
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "state": self._state.clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.seed, self._state = sd["seed"], sd["state"].clone()
+
     def checkpoint_contexts(self):
         """``(forward, recompute)`` context managers for ``torch.utils.checkpoint``'s ``context_fn``: the
         recomputation replays this stream from where the forward found it (so dropout draws the same masks),
@@ -66,3 +80,20 @@ class TPRngTracker:
                 self._state = current
 
         return forward(), recompute()
+
+
+def check_same_default_rng(group, device: torch.device) -> None:
+    """Refuse (on every rank alike) if the ranks of ``group`` do not hold the same default generator state:
+    replicated activations would then draw different dropout masks and the replicas diverge. Collective:
+    one all-reduce of two integers."""
+    if group.size == 1:
+        return
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    h = int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:7], "little")
+    both = comm.all_reduce(torch.tensor([h, -h], dtype=torch.int64, device=device), group, op=comm.ReduceOp.MAX)
+    if int(both[0]) != -int(both[1]):
+        raise GptparConfigError(
+            f"the ranks of the {group.name!r} group hold different default RNG states: dropout on replicated "
+            "activations would draw different masks and the replicas would diverge. Seed every rank alike "
+            "(torch.manual_seed(seed) with the same seed) before building the model"
+        )

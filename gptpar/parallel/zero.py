@@ -149,6 +149,26 @@ class ZeroAdamW:
             for x, y in zip(got, mine[2:], strict=True):
                 y.copy_(x)
 
+    def param_pieces(self):
+        """``(param, start, end, {"master", "exp_avg", "exp_avg_sq"})`` for every part of a parameter this
+        rank's slices hold, ``[start, end)`` in the parameter's own flat coordinates (views, no copies):
+        optimizer state that a checkpoint can reassemble per parameter and reshard to any layout."""
+        for (_, sl, master, m, v), runs in zip(self.slices, self.runs, strict=True):
+            for prm, s, e, off in runs:
+                start = s + sl.start - off
+                yield prm, start, start + (e - s), {"master": master[s:e], "exp_avg": m[s:e], "exp_avg_sq": v[s:e]}
+
+    @torch.no_grad()
+    def load_param_state(self, state_of: Callable, step: int) -> None:
+        """Fill the slices from per-parameter state: ``state_of(param) -> {"exp_avg", "exp_avg_sq"[,
+        "master"]}`` of this rank's (tp-local) parameter, any shape; masters default to the parameters."""
+        self.t = int(step)
+        for prm, start, end, views in self.param_pieces():
+            st = state_of(prm)
+            for key, view in views.items():
+                src = st.get(key) if key != "master" else st.get("master", prm.detach())
+                view.copy_(src.reshape(-1)[start:end])
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank: fp32 master weights and both Adam moments."""
         return sum(x.numel() * x.element_size() for _, _, master, m, v in self.slices for x in (master, m, v))

@@ -2,8 +2,9 @@
 model chunks, with point-to-point transfers (:mod:`.p2p`) posted ahead of the compute they overlap.
 
 One :meth:`PipelineEngine.step` runs forward and backward of every microbatch of a global batch and
-leaves the accumulated gradients in ``.grad`` (each microbatch's loss scaled by ``1/m``, so the
-gradients are those of the mean loss over the batch); the optimizer step is the caller's.
+leaves the accumulated gradients in ``.grad`` (each microbatch's summed token losses over the batch's
+count of valid tokens, so the gradients are those of the token-weighted mean over the batch, however the
+ignored targets fall); the optimizer step is the caller's.
 """
 
 from __future__ import annotations
@@ -96,11 +97,28 @@ class PipelineEngine:
             src_vs, tag = vs + 1, self._tag(a.mb, vs + 1, True)
         return self.p2p.recv(src_vs % self.p, tag, self.shape, self.dtype, self.state.device)
 
-    def step(self, idx: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
-        """Forward + backward of the global batch ``idx, targets [B, s]`` (``B % m == 0``) in ``m``
-        microbatches; backward starts from ``loss * loss_scale / m`` (``loss_scale``: fp16 loss scaling).
-        Returns the mean (unscaled) loss, the same on every pp rank."""
+    def _normalizer(self, targets, normalizer, ignore_index):
+        if normalizer is None:  # this batch's valid tokens, over all of its microbatches
+            normalizer = (targets != ignore_index).sum().clamp(min=1)
+        return torch.as_tensor(normalizer, dtype=torch.float32, device=self.state.device)
+
+    def step(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        loss_scale: float = 1.0,
+        normalizer: torch.Tensor | float | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Forward + backward of the batch ``idx, targets [B, s]`` (``B % m == 0``) in ``m`` microbatches.
+        The loss is token-weighted: each microbatch contributes the sum of its tokens' losses over
+        ``normalizer`` (default: this batch's count of targets other than ``ignore_index``; with data
+        parallelism pass the global count, :func:`gptpar.parallel.data.global_token_count`, and reduce
+        with ``DataParallel(average=False)``), so uneven masks weigh every token alike. Backward starts from
+        that share times ``loss_scale`` (fp16 loss scaling). Returns the (unscaled) loss, the sum of the
+        shares, the same on every pp rank."""
         mb_idx, mb_tgt = self._split(idx, targets)
+        norm = self._normalizer(targets, normalizer, ignore_index)
         stats = StepStats()
         store: dict[tuple[int, int], tuple] = {}
         deferred: dict[tuple[int, int], list] = {}
@@ -144,9 +162,9 @@ class PipelineEngine:
                 hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
                 with hooks if self.measure_memory else contextlib.nullcontext():
                     if vs == self.nvs - 1:
-                        _, loss = chunk(x, mb_tgt[a.mb].to(self.state.device))
+                        _, loss = chunk(x, mb_tgt[a.mb].to(self.state.device), ignore_index, loss_normalizer=norm)
                         losses.append(loss.detach())
-                        y = loss * (loss_scale / self.m)
+                        y = loss * loss_scale
                     else:
                         y = chunk(x)
                         self.p2p.send(y.detach(), (vs + 1) % self.p, self._tag(a.mb, vs, False))
@@ -185,7 +203,7 @@ class PipelineEngine:
                 stats.events.append((a.kind, a.mb, a.chunk, t0 - t_start, time.perf_counter() - t_start))
         self.p2p.wait_sends()
         self._sync_tied_grads()
-        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)
+        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.state.device)
         last_rank = (self.nvs - 1) % self.p
         comm.broadcast(loss, self.state.pp, src=last_rank)
         stats.total_s = time.perf_counter() - t_start
@@ -203,20 +221,21 @@ class PipelineEngine:
         return mb_idx, mb_tgt
 
     @torch.no_grad()
-    def evaluate(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward only (no graph kept): the mean loss over the batch's microbatches, on every pp rank."""
+    def evaluate(self, idx: torch.Tensor, targets: torch.Tensor, normalizer=None, ignore_index: int = -100):
+        """Forward only (no graph kept): the token-weighted loss over the batch, on every pp rank."""
         mb_idx, mb_tgt = self._split(idx, targets)
+        norm = self._normalizer(targets, normalizer, ignore_index)
         losses = []
         for mb in range(self.m):
             for c, chunk in enumerate(self.chunks):
                 vs = self._vs(c)
                 x = mb_idx[mb].to(self.state.device) if vs == 0 else self._post(Action("F", mb, c)).wait()
                 if vs == self.nvs - 1:
-                    losses.append(chunk(x, mb_tgt[mb].to(self.state.device))[1])
+                    losses.append(chunk(x, mb_tgt[mb].to(self.state.device), ignore_index, loss_normalizer=norm)[1])
                 else:
                     self.p2p.send(chunk(x), (vs + 1) % self.p, self._tag(mb, vs, False))
         self.p2p.wait_sends()
-        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)
+        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.state.device)
         comm.broadcast(loss, self.state.pp, src=(self.nvs - 1) % self.p)
         return loss
 
