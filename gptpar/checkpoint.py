@@ -6,6 +6,10 @@ Layout on disk::
     OUT/checkpoints/step_000020/rank_00003.pt    this rank's parameter shards (+ tp specs), optimizer, RNG
     OUT/checkpoints/latest                       "step_000020"
 
+Integrity: every rank file has a SHA-256 beside it (``rank_00003.pt.sha256``), checked before it is
+read; every load error names the file. ``latest`` is only ever a ``step_NNNNNN`` name inside OUT. A
+checkpoint is never written with a non-finite parameter.
+
 Atomicity: ranks write into ``step_000020.tmp``; after a barrier rank 0 writes ``meta.json``, renames the
 folder, then replaces ``latest`` (write-then-rename). A crash at any point leaves the previous ``latest``
 pointing at a complete checkpoint. Files load with ``torch.load(weights_only=True)``: no code runs from a
@@ -18,13 +22,15 @@ so :func:`load_full_state_dict` rebuilds the full (reference-layout) weights fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 
 import torch
 
-from gptpar.errors import GptparConfigError
+from gptpar.errors import GptparConfigError, GptparError
 from gptpar.parallel.mesh import ParallelState
 from gptpar.parallel.tensor import shard_tensor, tp_spec, unshard_tensor
 
@@ -36,14 +42,45 @@ def _root(out: str) -> str:
 
 
 def latest(out: str) -> str | None:
-    """The newest complete checkpoint folder under ``out``, or None."""
+    """The newest complete checkpoint folder under ``out``, or None if there is none. A ``latest`` pointer
+    that names something other than a step folder inside OUT, or a folder that is not there, is an error."""
     path = os.path.join(_root(out), "latest")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         name = f.read().strip()
+    if not re.fullmatch(r"step_\d{6,}", name):
+        raise GptparConfigError(f"{path!r} holds {name!r}, not a checkpoint folder name (step_NNNNNN) inside OUT")
     folder = os.path.join(_root(out), name)
-    return folder if os.path.exists(os.path.join(folder, "meta.json")) else None
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        raise GptparConfigError(f"{path!r} points at {name!r}, which is missing or incomplete (no meta.json)")
+    return folder
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prune(out: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (never the one ``latest`` names)."""
+    root = _root(out)
+    current = os.path.basename(latest(out) or "")
+    steps = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6,}", n))
+    for name in steps[: max(0, len(steps) - keep)]:
+        if name != current:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def verify(folder: str) -> dict:
+    """Check a checkpoint folder whole (meta.json, every rank file and its checksum); returns its meta."""
+    meta = read_meta(folder)
+    for r in range(meta["world_size"]):
+        _check_file(os.path.join(folder, f"rank_{r:05d}.pt"))
+    return meta
 
 
 def _barrier(state: ParallelState) -> None:
@@ -55,6 +92,17 @@ def _barrier(state: ParallelState) -> None:
 
 def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dict, extra: dict | None = None) -> str:
     """Write this rank's shard of step ``step``; returns the checkpoint folder (collective over the world)."""
+    bad = [n for c in chunks for n, p in c.named_parameters() if not torch.isfinite(p).all()]
+    flag = torch.tensor([float(bool(bad))], device=state.device)
+    if state.world_size > 1:
+        from gptpar.parallel import comm
+
+        comm.all_reduce(flag, state.world, op=comm.ReduceOp.MAX)
+    if flag.item():  # every rank refuses alike, before anything is written
+        raise GptparError(
+            f"refusing to write checkpoint step {step}: non-finite values in "
+            + (f"{bad[:3]} (rank {state.rank})" if bad else "another rank's parameters")
+        )
     name = f"step_{step:06d}"
     final = os.path.join(_root(out), name)
     tmp = final + ".tmp"
@@ -82,6 +130,9 @@ def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dic
     }
     path = os.path.join(tmp, f"rank_{state.rank:05d}.pt")
     torch.save(blob, path + ".part")
+    with open(path + ".sha256.part", "w") as f:
+        f.write(_sha256(path + ".part"))
+    os.replace(path + ".sha256.part", path + ".sha256")
     os.replace(path + ".part", path)
     if os.environ.get(CRASH_ENV) == str(step) and state.rank == state.world_size - 1:
         os._exit(17)  # simulated crash mid-save (tests)
@@ -191,12 +242,33 @@ def read_meta(folder: str) -> dict:
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
         raise GptparConfigError(f"{folder!r} is not a complete gptpar checkpoint (no meta.json)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise GptparConfigError(f"{path!r} is not valid JSON: {e}") from None
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise GptparConfigError(f"checkpoint file {path!r} is missing")
+    if not os.path.exists(path + ".sha256"):
+        raise GptparConfigError(f"checkpoint file {path!r} has no checksum ({os.path.basename(path)}.sha256)")
+    with open(path + ".sha256") as f:
+        want = f.read().strip()
+    if _sha256(path) != want:
+        raise GptparConfigError(
+            f"checkpoint file {path!r} is corrupt: its SHA-256 differs from the one written at save "
+            f"({os.path.getsize(path)} bytes now)"
+        )
 
 
 def _load(path: str, mmap: bool = False) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    _check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # e.g. a file written by something else: name it
+        raise GptparConfigError(f"checkpoint file {path!r} cannot be read: {type(e).__name__}: {e}") from None
 
 
 def iter_full_tensors(folder: str, names: list[str] | None = None):
@@ -206,7 +278,7 @@ def iter_full_tensors(folder: str, names: list[str] | None = None):
     meta = read_meta(folder)
     blobs, holders, specs = {}, {}, {}
     for r in range(meta["world_size"]):
-        blob = torch.load(os.path.join(folder, f"rank_{r:05d}.pt"), map_location="cpu", weights_only=True, mmap=True)
+        blob = _load(os.path.join(folder, f"rank_{r:05d}.pt"), mmap=True)
         c = blob["coords"]
         if c["dp"] != 0 or c["cp"] != 0:
             continue  # replicas

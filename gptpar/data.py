@@ -115,6 +115,10 @@ def prepare(
     if data is not None and data.endswith(".bin"):
         if not os.path.exists(data):
             raise GptparConfigError(f"--data {data!r} does not exist")
+        if os.path.getsize(data) % 2:
+            raise GptparConfigError(
+                f"--data {data!r} has {os.path.getsize(data)} bytes, an odd number: not a file of uint16 tokens"
+            )
         tokens = np.memmap(data, dtype=np.uint16, mode="r")
         if len(tokens) == 0:
             raise GptparConfigError(f"--data {data!r} is empty: there is no text to train on")

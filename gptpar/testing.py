@@ -28,6 +28,24 @@ from typing import Any
 FAILURE_GRACE_S = 3.0
 
 
+KILL_AT_STEP = "GPTPAR_TEST_KILL_AT_STEP"  # a worker (rank 1) exits once at this step
+STOP_AT_STEP = "GPTPAR_TEST_STOP_AT_STEP"  # rank 1 stops itself (SIGSTOP) at this step: a hung peer
+
+
+def fault_point(step: int, rank: int, world_size: int, out: str) -> None:
+    """The one place the training loop injects faults, for tests only: driven by the environment variables
+    above, a no-op without them."""
+    if os.environ.get(KILL_AT_STEP) == str(step) and rank == min(1, world_size - 1):
+        marker = os.path.join(out, ".killed-once")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(3)  # a worker failure; torchrun restarts the workers
+    if os.environ.get(STOP_AT_STEP) == str(step) and rank == min(1, world_size - 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent, as a process hung in a driver call
+
+
 class DistributedTestError(AssertionError):
     """A rank raised, died, or the ranks did not finish in time."""
 

@@ -32,11 +32,11 @@ from gptpar.parallel.pipeline.schedules import SCHEDULES
 from gptpar.precision import PRECISIONS
 
 ARGV_ENV = "GPTPAR_TRAIN_ARGV"
-KILL_ENV = "GPTPAR_TEST_KILL_AT_STEP"  # tests only: rank 1 dies once at this step (fault-tolerance test)
+RUN_ID_ENV = "GPTPAR_RUN_ID"  # the launcher names the run; checkpoints carry it; restarts resume only it
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="gptpar train", description="Train a GPT with tensor/pipeline/data/context parallelism."
     )
     a = p.add_argument
@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-every", type=int, default=0, help="0: only at the end")
     a("--out", default="runs/gptpar")
     a("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    a("--overwrite", action="store_true", help="replace the previous run in --out (its checkpoints and logs)")
+    a("--keep-last", type=int, default=None, help="keep only the N newest checkpoints")
+    a("--max-skips", type=int, default=5,
+      help="stop after this many consecutive steps skipped for a non-finite loss or gradient norm")
+    a("--timeout", type=float, default=120.0,
+      help="seconds a collective may wait before the run fails, naming the ranks that stopped answering")
+    a("--rdzv-host", default="127.0.0.1",
+      help="address the launcher's rendezvous store listens on (loopback: nothing reachable from other hosts; "
+      "multi-node runs use an outer torchrun and `python -m gptpar.train`)")
     a("--data", help="text file, folder of text files, or nanoGPT .bin (default: this machine's Python stdlib)")
     a("--tokenizer", default=None,
       help="bpe | bytes | PATH of a tokenizer.json (default: --init-from's tokenizer.json, else bpe)")
@@ -102,20 +111,46 @@ class Run:
     nproc: int
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other refusal
+        raise GptparConfigError(message)
+
+
+def _toml_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """A TOML file's options as command-line tokens, so argparse checks their types and choices exactly as
+    it checks flags (``tp = 2.5`` names --tp, ``precision = "fp64"`` lists the choices) and booleans must be
+    true or false (``resume = "no"`` is refused, not taken as true)."""
+    if not os.path.exists(path):
+        raise GptparConfigError(f"--config {path!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise GptparConfigError(f"--config {path!r} is not valid TOML: {e}") from None
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in table if k.replace("-", "_") not in actions)
+    if unknown:
+        raise GptparConfigError(f"--config {path!r}: unknown option(s) {unknown}")
+    out = []
+    for key, value in table.items():
+        action = actions[key.replace("-", "_")]
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise GptparConfigError(f"--config {path!r}: {key} = {value!r} must be true or false")
+            out += [flag] if value else []
+        elif isinstance(value, (bool, list, dict)):
+            raise GptparConfigError(f"--config {path!r}: {key} = {value!r} is not a {flag} value")
+        else:
+            out += [flag, str(value)]
+    return out
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config:
-        if not os.path.exists(args.config):
-            raise GptparConfigError(f"--config {args.config!r} does not exist")
-        with open(args.config, "rb") as f:
-            table = tomllib.load(f)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in table if k.replace("-", "_") not in known)
-        if unknown:
-            raise GptparConfigError(f"--config {args.config!r}: unknown option(s) {unknown}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in table.items()})
-        args = parser.parse_args(argv)
+    if args.config:  # the file's options first: flags on the command line override them
+        args = parser.parse_args(_toml_argv(parser, args.config) + list(argv))
     if args.tokenizer is None:
         args.tokenizer = "bpe"
         if args.init_from:
@@ -159,9 +194,18 @@ def hf_model_config(args: argparse.Namespace, vocab_size: int | None) -> GPTConf
 def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
     """Check every option against every other; raises GptparConfigError naming the value and the rule."""
     rest = args.tp * args.pp * args.cp
-    for name in ("tp", "pp", "cp", "steps", "batch_size", "vocab_multiple"):
-        if getattr(args, name) < 1:
+    for name in ("tp", "pp", "cp", "steps", "batch_size", "vocab_multiple", "virtual_stages", "eval_batches",
+                 "keep_last", "max_skips", "nproc", "micro_batches", "dp", "vocab", "n_layer", "n_head", "d_model",
+                 "seq_len"):  # fmt: skip
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise GptparConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    for name in ("lr", "min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "max_restarts"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise GptparConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise GptparConfigError(f"--dropout={args.dropout} must be in [0, 1)")
+    if not args.timeout > 0:
+        raise GptparConfigError(f"--timeout={args.timeout} must be > 0 seconds")
     if args.dp is None:
         nproc = args.nproc or rest
         if nproc % rest:
@@ -224,6 +268,20 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def stop_nonfinite(args, step: int, bad: int, loss: float, rank0: bool) -> None:
+    """Every rank stops alike (they share the loss and the global norm) with one clear line; no checkpoint
+    is written from a state that kept producing non-finite values."""
+    if rank0:
+        from gptpar import checkpoint
+
+        last = checkpoint.latest(args.out)
+        print(f"gptpar train: error: stopping at step {step + 1}: {bad} consecutive steps had a non-finite loss or "
+              f"gradient norm (last loss {loss}); they were skipped, the weights are unchanged since; last checkpoint: "
+              f"{last or 'none'} (lower --lr, or raise --max-skips)", file=sys.stderr, flush=True)  # fmt: skip
+    sys.stderr.flush()
+    os._exit(4)
+
+
 def keep_tokenizer(tokenizer_json: str | None, init_from: str | None, folder: str) -> None:
     """Copy the run's tokenizer (and, from a Hugging Face directory, its other tokenizer files) into OUT."""
     from gptpar.models.hf import TOKENIZER_FILES
@@ -248,13 +306,16 @@ def worker(argv: list[str]) -> None:
     from gptpar.parallel.zero import ZeroAdamW
     from gptpar.pipeline import make_pipeline
     from gptpar.precision import DynamicLossScaler, autocast, clip_grad_norm_
+    from gptpar.testing import fault_point
 
     args = parse(argv)
+    run_id = os.environ.get(RUN_ID_ENV) or os.environ.get("TORCHELASTIC_RUN_ID", "none")
     corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
     vocab = args.vocab_size or corpus.vocab_size
     run = resolve(args, vocab)
     torch.manual_seed(args.seed)
-    st = init_parallel(run.layout, seed=args.seed)
+    st = init_parallel(run.layout, seed=args.seed, timeout=args.timeout)
+    comm.start_heartbeat(st.world)  # a timed-out collective then names the ranks that stopped answering
     cfg = run.model
     options = {"sequence_parallel": args.sequence_parallel, "recompute": args.recompute}
     if args.init_from:
@@ -300,11 +361,13 @@ def worker(argv: list[str]) -> None:
         keep_tokenizer(corpus.tokenizer_path, args.init_from, tokenizer_dir)
     meta = {"model": cfg.to_dict(), "tokenizer": os.path.join(tokenizer_dir, "tokenizer.json")
             if corpus.tokenizer_path else None, "tokenizer_dir": tokenizer_dir, "data": args.data, "args": vars(args),
-            "hf": hf_meta}  # fmt: skip
+            "hf": hf_meta, "run_id": run_id}  # fmt: skip
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     folder = checkpoint.latest(args.out)
-    if (args.resume or restarted) and folder is not None:
+    # a restart resumes this run's own checkpoint only (a new run that fails before its first save starts
+    # over, never from what an earlier run left in OUT)
+    if folder is not None and (args.resume or (restarted and checkpoint.read_meta(folder).get("run_id") == run_id)):
         loaded = checkpoint.load(folder, chunks, opt, st, cfg.to_dict())
         start = loaded["step"]  # weights and optimizer state, resharded if the layout changed
         if scaler is not None and "scaler" in loaded["extra"]:
@@ -347,12 +410,9 @@ def worker(argv: list[str]) -> None:
         comm.all_reduce(val, st.dp)
         return val.item() / st.dp.size
 
+    bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient norm
     for step in range(start, args.steps):
-        if os.environ.get(KILL_ENV) == str(step) and st.rank == min(1, st.world_size - 1):
-            marker = os.path.join(args.out, ".killed-once")
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(3)  # simulated worker failure (tests)
+        fault_point(step, st.rank, st.world_size, args.out)
         t0 = time.perf_counter()
         lr = lr_at(step, args)
         for g in opt.param_groups:
@@ -381,32 +441,34 @@ def worker(argv: list[str]) -> None:
         if ddp:
             ddp.finish()
         comm_s += time.perf_counter() - tc
+        loss = loss.detach().float()
+        comm.all_reduce(loss, st.dp)  # the dp ranks' shares add up to the global token-weighted mean
+        loss_value = loss.item()  # the same on every rank
         if scaler:
             skip = scaler.unscale_tensors_(opt.grad_shards()) if args.zero else scaler.unscale_(params)
         else:
             skip = False
+        nonfinite = not math.isfinite(loss_value)
         if not skip:
-            if args.grad_clip > 0:
-                if args.zero:
-                    opt.clip_grad_norm_(args.grad_clip, st)
-                else:
-                    clip_grad_norm_(params, args.grad_clip, st)
-            opt.step()
+            max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")  # the norm is always checked
+            norm = opt.clip_grad_norm_(max_norm, st) if args.zero else clip_grad_norm_(params, max_norm, st)
+            nonfinite = nonfinite or not math.isfinite(float(norm))  # global: every rank decides alike
+            skip = nonfinite
+            if not skip:
+                opt.step()
         if scaler:
             scaler.update(skip)
         if ddp:
             ddp.zero_grad()
         else:
             opt.zero_grad(set_to_none=True)
-        loss = loss.detach().float()
-        comm.all_reduce(loss, st.dp)  # the dp ranks' shares add up to the global token-weighted mean
-        loss_value = loss.item()
+        bad_steps = bad_steps + 1 if nonfinite else 0
         dt = time.perf_counter() - t0
         tokens = args.batch_size * cfg.seq_len
         tokens_done += tokens
         record = {"step": step + 1, "loss": loss_value, "lr": lr, "tokens_per_s": tokens / dt,
                   "mfu": tokens / dt * flops_per_token / (peak * st.world_size), "time_s": dt,
-                  "loss_scale": scaler.scale if scaler else None, "skipped": bool(skip)}  # fmt: skip
+                  "loss_scale": scaler.scale if scaler else None, "skipped": bool(skip), "nonfinite": nonfinite}  # fmt: skip
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             record["val_loss"] = evaluate()
         if rank0:
@@ -416,10 +478,14 @@ def worker(argv: list[str]) -> None:
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.1%}",
                                 lr=f"{lr:.2e}", scale=scaler.scale if scaler else "-")  # fmt: skip
                 bar.update(1)
+        if bad_steps >= args.max_skips:  # logged first: the log shows the skipped steps
+            stop_nonfinite(args, step, bad_steps, loss_value, rank0)
         last = step + 1 == args.steps
         if (args.save_every and (step + 1) % args.save_every == 0) or last:
             extra = {"scaler": scaler.state_dict()} if scaler else {}
             checkpoint.save(args.out, step + 1, chunks, opt, st, meta, extra)
+            if args.keep_last and rank0:
+                checkpoint.prune(args.out, args.keep_last)
     if bar:
         bar.close()
     elapsed = time.perf_counter() - t_run
@@ -482,27 +548,116 @@ def main(argv: list[str] | None = None) -> None:
         # Tokenise once here, before any worker starts (they then hit the cache), and validate everything.
         corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
         run = resolve(args, args.vocab_size or corpus.vocab_size)
-        if args.resume:  # refuse a checkpoint of another model here, not deep inside a worker
-            from gptpar import checkpoint
-
-            folder = checkpoint.latest(args.out)
-            checkpoint.check_config(checkpoint.read_meta(folder), run.model.to_dict(), folder)
+        check_data(corpus, run.model.seq_len, args)
+        run_id = prepare_out(args, run)
     except GptparConfigError as e:
         print(f"gptpar train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    launch(run, args, argv, run_id)
+
+
+def check_data(corpus, seq_len: int, args: argparse.Namespace) -> None:
+    """Both splits hold at least one training window."""
+    for name, tokens, needed in (("training", corpus.train, True), ("validation", corpus.val, args.eval_every > 0)):
+        if needed and len(tokens) <= seq_len + 1:
+            raise GptparConfigError(
+                f"the {name} split has {len(tokens)} tokens, fewer than one window of seq_len+1 = {seq_len + 1}: "
+                "add data or shorten --seq-len" + (" (or --eval-every 0)" if name == "validation" else "")
+            )
+
+
+def prepare_out(args: argparse.Namespace, run: Run) -> str:
+    """The run's identity, and OUT made ready for it: ``--resume`` continues the run in OUT (its checkpoint
+    verified whole first); a new run refuses an OUT that holds another unless ``--overwrite``, which clears it.
+    Checks that OUT is writable. Returns the run id."""
+    import uuid
+
+    from gptpar import checkpoint
+
+    out = args.out
+    previous = [n for n in ("checkpoints", "log.jsonl") if os.path.exists(os.path.join(out, n))]
+    if args.resume:
+        folder = checkpoint.latest(out)
+        if folder is None:
+            raise GptparConfigError(f"--resume: no checkpoint in {out!r}")
+        meta = checkpoint.verify(folder)
+        checkpoint.check_config(meta, run.model.to_dict(), folder)  # another model's checkpoint: refused here
+        run_id = meta.get("run_id") or uuid.uuid4().hex
+    elif previous and not args.overwrite:
+        raise GptparConfigError(
+            f"--out {out!r} holds a previous run ({', '.join(previous)}): pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    else:
+        for n in ("checkpoints", "log.jsonl", "summary.json", "loss.png", "tokenizer", ".killed-once"):
+            path = os.path.join(out, n)
+            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+        run_id = uuid.uuid4().hex
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise GptparConfigError(f"--out {out!r} is not writable: {e.strerror or e}") from None
+    return run_id
+
+
+_LISTENERS: list = []  # sockets behind the launcher's stores (kept open as long as the stores)
+
+
+def _store_on(host: str, port: int = 0):
+    """A TCPStore server listening on ``host`` only. (A TCPStore binds every interface by itself; on a
+    socket bound beforehand it listens where that socket does.)"""
+    import socket
+
+    from torch.distributed import TCPStore
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    _LISTENERS.append(sock)
+    port = sock.getsockname()[1]
+    store = TCPStore(host, port, is_master=True, master_listen_fd=sock.fileno(), wait_for_workers=False,
+                     multi_tenant=True)  # fmt: skip
+    _LISTENERS.append(store)
+    return store, port
+
+
+def launch(run: Run, args: argparse.Namespace, argv: list[str], run_id: str) -> None:
+    """Start the workers with torchrun's elastic agent, on this machine. The rendezvous store and the
+    workers' store listen on ``--rdzv-host`` only (loopback by default: nothing reachable from another
+    host); so do gloo's and NCCL's sockets when it is loopback."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    launch = [
-        "--standalone",
+    host = args.rdzv_host
+    _, port = _store_on(host)
+    if hasattr(dynamic_rendezvous.DynamicRendezvousHandler, "_create_tcp_store_server"):
+        # the store torchrun makes for the workers' process group: on the same host only
+        dynamic_rendezvous.DynamicRendezvousHandler._create_tcp_store_server = lambda self, addr, p: _store_on(host)[0]
+    if host in ("127.0.0.1", "::1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    launch_args = [
+        "--nnodes=1",
         f"--nproc-per-node={run.nproc}",
         f"--max-restarts={args.max_restarts}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={host}:{port}",
+        "--rdzv-conf=is_host=false",
+        f"--rdzv-id={run_id}",
+        f"--local-addr={host}",
         "-m",
         "gptpar.train",
     ]
     os.environ[ARGV_ENV] = json.dumps(argv)
+    os.environ[RUN_ID_ENV] = run_id
     try:
-        torchrun(parse_args(launch))
+        torchrun(parse_args(launch_args))
     except Exception as e:  # torchrun's ChildFailedError already printed each rank's traceback
         print(f"gptpar train: failed: {type(e).__name__}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -214,6 +214,20 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_pat
             ["--nproc", "2", "--tp", "2", "--zero"],
             "--zero shards the optimizer state across data- and context-parallel ranks: it needs dp*cp > 1, got dp=1 cp=1",
         ),
+        (["--micro-batches", "-1"], "--micro-batches=-1 must be >= 1"),
+        (["--lr", "-1"], "--lr=-1.0 must be >= 0"),
+        (["--eval-batches", "0"], "--eval-batches=0 must be >= 1"),
+        (["--virtual-stages", "0"], "--virtual-stages=0 must be >= 1"),
+        (["--nproc", "0"], "--nproc=0 must be >= 1"),
+        (["--config", "TOML:precision = 'fp64'"], "argument --precision: invalid choice: 'fp64'"),
+        (["--config", "TOML:schedule = 'foo'"], "argument --schedule: invalid choice: 'foo'"),
+        (["--config", "TOML:tp = = 2"], "is not valid TOML"),
+        (["--config", "TOML:resume = 'no'"], "resume = 'no' must be true or false"),
+        (["--config", "TOML:tp = 2.5"], "argument --tp: invalid int value: '2.5'"),
+        (["--data", "TINY"], "the training split has"),
+        (["--data", "SHORTVAL", "--seq-len", "32"], "the validation split has"),
+        (["--data", "ODDBIN", "--vocab-size", "256"], "an odd number: not a file of uint16 tokens"),
+        (["--out", "UNDERFILE"], "is not writable"),
     ],
 )
 def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, message):
@@ -221,8 +235,23 @@ def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, messag
     empty.write_text("")
     bad = tmp_path / "bad.toml"
     bad.write_text("learning_rate = 0.1\n")
-    args = [str(empty) if a == "EMPTY" else str(bad) if a == "BADTOML" else a for a in args]
+    (tmp_path / "tiny.txt").write_text("x = 1\n" * 4)  # 24 tokens: fewer than one window
+    (tmp_path / "shortval.txt").write_text("a" * 600)  # 600 tokens: the 5% validation split is 30
+    (tmp_path / "odd.bin").write_bytes(b"\x01" * 1001)
+    (tmp_path / "afile").write_text("")
+
+    def sub(a):
+        if a.startswith("TOML:"):
+            (tmp_path / "run.toml").write_text(a[5:] + "\n")
+            return str(tmp_path / "run.toml")
+        return {"EMPTY": str(empty), "BADTOML": str(bad), "TINY": str(tmp_path / "tiny.txt"),
+                "SHORTVAL": str(tmp_path / "shortval.txt"), "ODDBIN": str(tmp_path / "odd.bin"),
+                "UNDERFILE": str(tmp_path / "afile" / "run")}.get(a, a)  # fmt: skip
+
+    args = [sub(a) for a in args]
     out = tmp_path / "run"
+    if "--out" in args:
+        out = tmp_path / "afile" / "run"
     res = train(out, *args, cache=cache, check=False)
     assert res.returncode == 2
     assert "gptpar train: error: " in res.stderr and message in res.stderr, res.stderr

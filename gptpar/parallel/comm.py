@@ -22,6 +22,8 @@ Two layers:
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -67,23 +69,79 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# ---------------------------------------------------------------------------------------------- liveness
+_heartbeat: dict = {}
+HEARTBEAT_S = 1.0
+
+
+def start_heartbeat(world: Group) -> None:
+    """Count up a per-rank key in the default store every second from a daemon thread, so that a rank whose
+    collective times out can tell the peers that stopped answering (stopped, hung in a kernel, dead) from
+    those that are alive but elsewhere. Idempotent; a no-op for a world of one."""
+    if world.size == 1 or _heartbeat.get("rank") == world.global_rank:
+        return
+    store = dist.distributed_c10d._get_default_store()
+
+    def beat(key=f"gptpar/heartbeat/{world.global_rank}"):
+        n = 0
+        while True:
+            n += 1
+            try:
+                store.set(key, str(n))
+            except Exception:  # the store is gone (shutdown): stop beating
+                return
+            time.sleep(HEARTBEAT_S)
+
+    _heartbeat.update(rank=world.global_rank, store=store)
+    threading.Thread(target=beat, name="gptpar-heartbeat", daemon=True).start()
+
+
+def silent_ranks(ranks: tuple[int, ...]) -> list[int] | None:
+    """The ranks whose heartbeat did not advance over a few seconds (None: no heartbeat running)."""
+    store = _heartbeat.get("store")
+    if store is None:
+        return None
+
+    def read():
+        out = {}
+        for r in ranks:
+            key = f"gptpar/heartbeat/{r}"
+            out[r] = store.get(key) if store.check([key]) else None
+        return out
+
+    try:
+        before = read()
+        time.sleep(3 * HEARTBEAT_S)
+        after = read()
+    except Exception:
+        return None
+    return [r for r in ranks if after[r] is None or after[r] == before[r]]
+
+
+def _timeout_error(op: str, group: Group, detail: str) -> CollectiveTimeoutError:
+    silent = silent_ranks(group.ranks)
+    if silent:
+        who = f"rank(s) {silent} stopped answering (no heartbeat): stopped, hung or dead"
+    elif silent is not None:
+        who = "every rank of the group is alive: one issued a different collective or is stuck inside one"
+    else:
+        who = "a peer is missing, stuck, or issued a different collective"
+    return CollectiveTimeoutError(
+        f"rank {group.global_rank}: {op} on group '{group.name}' (ranks {list(group.ranks)}) did not complete "
+        f"within {group.timeout.total_seconds():g}s; {who}{detail}"
+    )
+
+
 def _wait(work, op: str, group: Group) -> None:
     try:
         ok = work.wait(timeout=group.timeout)
     except RuntimeError as e:  # gloo/nccl raise RuntimeError (or DistBackendError, a subclass) on timeout
         msg = str(e)
         if "timed out" in msg.lower() or "timeout" in msg.lower():
-            raise CollectiveTimeoutError(
-                f"rank {group.global_rank}: {op} on group '{group.name}' (ranks {list(group.ranks)}) did not complete "
-                f"within {group.timeout.total_seconds():g}s; a peer is missing, stuck, or issued a different "
-                f"collective ({msg.strip().splitlines()[0]})"
-            ) from e
+            raise _timeout_error(op, group, f" ({msg.strip().splitlines()[0]})") from e
         raise RuntimeError(f"rank {group.global_rank}: {op} on group '{group.name}' failed: {msg}") from e
     if ok is False:
-        raise CollectiveTimeoutError(
-            f"rank {group.global_rank}: {op} on group '{group.name}' (ranks {list(group.ranks)}) did not complete "
-            f"within {group.timeout.total_seconds():g}s"
-        )
+        raise _timeout_error(op, group, "")
 
 
 def all_reduce(tensor: torch.Tensor, group: Group, op=ReduceOp.SUM) -> torch.Tensor:
