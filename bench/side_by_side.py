@@ -124,6 +124,21 @@ LLAMA_PLAN = {
 }  # fmt: skip
 
 
+def _time_models(models: dict, idx, reps) -> dict:
+    """Median forward + backward time of each model and the bytes one step sends (gptpar's collectives)."""
+    out = {}
+    for name, model in models.items():
+
+        def step(model=model):
+            model(idx).backward()
+            model.zero_grad(set_to_none=True)
+
+        with comm.count_traffic() as t:
+            step()
+        out[name] = {"time_s": _timed(step, reps), "bytes": sum(t.values())}
+    return out
+
+
 def _tp_llama(reps, only=None, result=None):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -148,17 +163,7 @@ def _tp_llama(reps, only=None, result=None):
         return lambda: (model(idx).backward(), model.zero_grad(set_to_none=True))
     la, lb = (m(idx).item() for m in models.values())
     assert abs(la - lb) < 1e-4, f"the two tensor-parallel Llamas disagree: {la} vs {lb}"  # same model, same math
-    out = {}
-    for name, model in models.items():
-
-        def step(model=model):
-            model(idx).backward()
-            model.zero_grad(set_to_none=True)
-
-        with comm.count_traffic() as t:
-            step()
-        out[name] = {"time_s": _timed(step, reps), "bytes": sum(t.values())}
-    return out
+    return _time_models(models, idx, reps)
 
 
 TP_PLAN = {
@@ -205,17 +210,7 @@ def _tp(reps, only=None, result=None):
         return lambda: (theirs(idx).backward(), theirs.zero_grad(set_to_none=True))
     la, lb = ours(idx).item(), theirs(idx).item()
     assert abs(la - lb) < 1e-4, f"the two tensor-parallel models disagree: {la} vs {lb}"  # same model, same math
-    out = {}
-    for name, model in (("gptpar parallelize", ours), ("torch parallelize_module", theirs)):
-
-        def step(model=model):
-            model(idx).backward()
-            model.zero_grad(set_to_none=True)
-
-        with comm.count_traffic() as t:
-            step()
-        out[name] = {"time_s": _timed(step, reps), "bytes": sum(t.values())}
-    return out
+    return _time_models({"gptpar parallelize": ours, "torch parallelize_module": theirs}, idx, reps)
 
 
 def _state_bytes(tensors):

@@ -32,6 +32,7 @@ from gptpar.parallel.pipeline.schedules import SCHEDULES
 from gptpar.precision import PRECISIONS
 
 ARGV_ENV = "GPTPAR_TRAIN_ARGV"
+SHUTDOWN_GRACE_S = 5
 RUN_ID_ENV = "GPTPAR_RUN_ID"  # the launcher names the run; checkpoints carry it; restarts resume only it
 
 
@@ -634,8 +635,16 @@ def launch(run: Run, args: argparse.Namespace, argv: list[str], run_id: str) -> 
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
     host = args.rdzv_host
     _, port = _store_on(host)
+    for fn in (LocalElasticAgent._shutdown, PContext.close):
+        if fn.__defaults__ and len(fn.__defaults__) == 2 and fn.__defaults__[1] == 30:
+            # After a failure the other workers get SIGTERM, then SIGKILL after this grace (torch's default
+            # 30 s): a stopped or hung worker never acts on SIGTERM, so do not wait long for it.
+            fn.__defaults__ = (fn.__defaults__[0], SHUTDOWN_GRACE_S)
     if hasattr(dynamic_rendezvous.DynamicRendezvousHandler, "_create_tcp_store_server"):
         # the store torchrun makes for the workers' process group: on the same host only
         dynamic_rendezvous.DynamicRendezvousHandler._create_tcp_store_server = lambda self, addr, p: _store_on(host)[0]

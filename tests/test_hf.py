@@ -4,6 +4,8 @@ and Llama 3 RoPE scaling. In: each rank reads its own slices; the first training
 transformers' on the same batch at tp2 x pp2, cp2 and dp2 ZeRO-1. Out: `gptpar export` writes a directory
 from_pretrained loads with no missing or unexpected keys and the same logits; bf16 stays bf16."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -263,8 +265,7 @@ def test_bad_directories_are_refused_naming_the_file_or_field(models, tmp_path):
         cfg = json.load(open(d / "config.json"))
         cfg[field] = value
         json.dump(cfg, open(d / "config.json", "w"))
-        res = _train(tmp_path / f"run-{field}", "--init-from", str(d), check=False)
-        assert res.returncode == 2 and match in res.stderr, res.stderr[-2000:]
+        _refused_before_launch(["--init-from", str(d), "--out", str(tmp_path / "r")], match, models[1])
     extra = tmp_path / "extra"
     shutil.copytree(src, extra)
     from safetensors.torch import load_file, save_file
@@ -274,8 +275,18 @@ def test_bad_directories_are_refused_naming_the_file_or_field(models, tmp_path):
     save_file(sd, str(extra / "model.safetensors"))
     with pytest.raises(GptparConfigError, match="tensors gptpar would not use.*sinks"):
         read_shard(HFWeights(str(extra)), *_llama_specs(src))
-    res = _train(tmp_path / "contradiction", "--init-from", src, "--n-layer", "2", check=False)
-    assert res.returncode == 2 and "--n-layer 2 contradicts" in res.stderr
+    _refused_before_launch(["--init-from", src, "--n-layer", "2", "--out", str(tmp_path / "r")], "--n-layer 2 contradicts",
+                           models[1])  # fmt: skip
+
+
+def _refused_before_launch(argv, match, data):
+    """``gptpar train`` refuses in its launcher, before any worker starts (in-process: no interpreter start-up)."""
+    from gptpar.train import main
+
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
+        main([*argv, "--data", data])
+    assert e.value.code == 2 and match in err.getvalue(), err.getvalue()
 
 
 def _llama_specs(path):

@@ -50,7 +50,7 @@ CASES = [(torch.arange(40), torch.arange(40)), (torch.arange(20, 53), torch.aran
 for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 3e-2)):
     for h, hkv in ((4, 2), (4, 1), (6, 3)):  # groups of 2, 4 (MQA) and 2 over an odd head count
         for causal in (True, False):
-            for qp, kp in CASES:
+            for qp, kp in CASES if dtype == torch.float32 else CASES[2:]:  # fp16: the zig-zag case
                 q = torch.randn(2, h, len(qp), 32).to(dtype)
                 k, v = (torch.randn(2, hkv, len(kp), 32).to(dtype) for _ in range(2))
                 o, lse = triton_attention_forward(q, k, v, causal, qp, kp)
