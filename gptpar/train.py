@@ -631,12 +631,11 @@ def launch(run: Run, args: argparse.Namespace, argv: list[str], run_id: str) -> 
     """Start the workers with torchrun's elastic agent, on this machine. The rendezvous store and the
     workers' store listen on ``--rdzv-host`` only (loopback by default: nothing reachable from another
     host); so do gloo's and NCCL's sockets when it is loopback."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
-
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-    from torch.distributed.elastic.multiprocessing.api import PContext
 
     host = args.rdzv_host
     _, port = _store_on(host)

@@ -131,7 +131,7 @@ def _first_batch_loss(path, data, cache, dp, seed=1234):
     from gptpar.data import get_batch, prepare
 
     corpus = prepare(data, os.path.join(path, "tokenizer.json"), cache_dir=cache)
-    xs, ys = zip(*(get_batch(corpus.train, SEQ, 8 // dp, seed, 0, r, dp) for r in range(dp)))
+    xs, ys = zip(*(get_batch(corpus.train, SEQ, 8 // dp, seed, 0, r, dp) for r in range(dp)), strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
     logits = _hf_logits(path, x)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()

@@ -4,8 +4,15 @@ parallel layout against the reference (loss, logits, gradients, weights after th
 
 import pytest
 import torch
-from gpt_helpers import TOL, assert_matches_reference, batch, close, merge_pipeline_results, train_parallel
-from gpt_helpers import train_pipeline, train_reference
+from gpt_helpers import (
+    assert_matches_reference,
+    batch,
+    close,
+    merge_pipeline_results,
+    train_parallel,
+    train_pipeline,
+    train_reference,
+)
 
 from gptpar import GPT, GPTConfig, GptparConfigError, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.models import gather_state_dict

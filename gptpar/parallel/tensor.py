@@ -32,7 +32,6 @@ from gptpar.parallel.wgrad import (
     weight_grads_now_or_later,
 )
 
-
 # ---------------------------------------------------------------------------------------------- sharding
 # A spec is ``(dim, chunks)``. ``chunks`` is either an int k (``dim`` holds k equal blocks, each split
 # across tp) or a tuple of head counts, one per block (``dim`` holds blocks of ``heads * unit`` rows, unit =

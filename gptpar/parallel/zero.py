@@ -104,7 +104,7 @@ class ZeroAdamW:
 
         sq = torch.zeros((), dtype=torch.float32, device=state.device)
         shards = self.grad_shards()
-        for (b, sl, *_), grad, runs in zip(self.slices, shards, self.runs, strict=True):
+        for (_, sl, *_), grad, runs in zip(self.slices, shards, self.runs, strict=True):
             for prm, s, e, off in runs:
                 # the part of [s, e) (slice coordinates) inside the parameter's counted span
                 lo, hi = norm_span(prm, state)
