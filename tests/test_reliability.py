@@ -2,7 +2,6 @@
 integrity, loopback rendezvous, bounded hangs that name the stuck rank, pruning. Real `gptpar train`
 processes on a tiny model."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -204,4 +203,3 @@ def test_export_refuses_an_existing_target(done, tmp_path):
                           str(tmp_path / "taken")], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 2 and "refusing to overwrite" in res.stderr
     assert sorted(os.listdir(tmp_path)) == ["taken"] and not os.listdir(tmp_path / "taken")  # nothing left behind
-    json.dumps({})
