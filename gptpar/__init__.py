@@ -3,7 +3,7 @@
 from gptpar.errors import CollectiveTimeoutError, GptparConfigError, GptparError
 from gptpar.models import GPT, GPTConfig, ParallelGPT
 from gptpar.parallel import ParallelLayout, ParallelState, init_parallel
-from gptpar.parallelize import parallelize
+from gptpar.parallelize import clip_grad_norm_, from_pretrained, parallelize, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,9 @@ __all__ = [
     "ParallelGPT",
     "ParallelLayout",
     "ParallelState",
+    "clip_grad_norm_",
+    "from_pretrained",
     "init_parallel",
     "parallelize",
+    "save_pretrained",
 ]

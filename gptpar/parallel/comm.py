@@ -211,6 +211,13 @@ def new_subgroups(state_world: Group, rank_lists: list[tuple[int, ...]], name: s
     return mine
 
 
+def barrier(group: Group) -> None:
+    """Wait until every rank of ``group`` reaches this point (bounded by the group's timeout)."""
+    if group.size == 1:
+        return
+    _wait(dist.barrier(group=group.pg, async_op=True), "barrier", group)
+
+
 def broadcast(tensor: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
     """In-place broadcast from group-local rank ``src``; returns ``tensor``."""
     if group.size == 1:

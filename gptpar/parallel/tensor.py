@@ -191,6 +191,8 @@ class ColumnParallelLinear(nn.Module):
     ``activation``: ``"gelu"`` (tanh) or ``"swiglu"`` (over the gate|up blocks, ``chunks=2``; the output is
     half as wide) applied in the GEMM's epilogue (:mod:`gptpar.ops.mlp`, fused Triton kernel on GPUs) and
     differentiated at the start of its backward.
+    ``reduce_input_grad=False``: the input comes from a collective whose backward already sums the input
+    gradient over tp (e.g. a sequence all-gather shared by several column linears), so skip that all-reduce.
     """
 
     def __init__(
@@ -206,10 +208,12 @@ class ColumnParallelLinear(nn.Module):
         seq_dim: int = 0,
         activation: str | None = None,
         shared_group: Group | None = None,
+        reduce_input_grad: bool = True,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        self.reduce_input_grad = reduce_input_grad
         if activation is not None:
             check_activation(activation)
             if activation == "swiglu" and chunks != 2:
@@ -264,7 +268,8 @@ class ColumnParallelLinear(nn.Module):
                 x, self.weight, self.bias, self.group, self.seq_dim, self.activation
             )
         else:
-            x = comm.copy_to_region(x, self.group)
+            if self.reduce_input_grad:
+                x = comm.copy_to_region(x, self.group)
             y = linear(x, self.weight, self.bias, self.activation)
         if self.gather_output:
             if self.chunks != 1:
@@ -354,6 +359,7 @@ class VocabParallelEmbedding(nn.Module):
     In ``[...]`` token ids (replicated), out ``[..., dim]`` (replicated). Ids outside the local range look
     up zeros; the forward all-reduce (``reduce_from_region``) fills in every row from its owner. With
     ``sequence_parallel`` the ids are ``[s, b]`` and the output is reduce-scattered to ``[s/tp, b, dim]``.
+    ``padding_idx`` (as ``nn.Embedding``'s): that row gets no gradient, on the rank that holds it.
     """
 
     def __init__(
@@ -363,6 +369,7 @@ class VocabParallelEmbedding(nn.Module):
         *,
         group: Group,
         sequence_parallel: bool = False,
+        padding_idx: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -372,6 +379,11 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.vocab_start = group.rank * local
         self.vocab_end = self.vocab_start + local
+        if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
+            raise GptparConfigError(f"padding_idx={padding_idx} is outside the vocabulary [0, {num_embeddings})")
+        self.padding_idx = padding_idx
+        inside = padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end
+        self.local_padding_idx = padding_idx - self.vocab_start if inside else None
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
         set_tp_spec(self.weight, 0)
         self.reset_parameters()
@@ -383,16 +395,17 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight, self.local_padding_idx)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = F.embedding(local_ids, self.weight, self.local_padding_idx).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return comm.reduce_scatter_along_seq(out, self.group)
         return comm.reduce_from_region(out, self.group)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end})"
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end}){pad}"
 
 
 def _gather_seq_async(x: torch.Tensor, group: Group, dim: int):

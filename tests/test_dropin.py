@@ -1,0 +1,257 @@
+"""Drop-in parallelism on real transformers models, never silently wrong (issue 17's table, row by row):
+GPT-2's real vocabulary 50257 (n_positions 1024), Llama / Qwen2 / Mistral with GQA (2 K/V heads, also at
+tp=4: replicated), untied and tied heads, ``pad_token_id=0``, odd vocabularies; logits, every gradient,
+three AdamW steps with clipping and ``generate`` against the original model; sequence parallelism at an
+odd length; save/load; a nanoGPT fork that is not nanoGPT; torch's clip_grad_norm_ caught."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gptpar
+from gptpar import GptparConfigError, ParallelLayout, init_parallel, parallelize
+from gptpar.parallelize import Colwise, VocabEmbedding, full_tensor
+from gptpar.testing import run_distributed
+
+TOL = dict(rtol=1e-4, atol=2e-6)
+MODELS = ("gpt2", "llama", "qwen2", "mistral")
+
+
+def make(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64, vocab_size=101)  # fmt: skip
+    if kind == "gpt2":  # GPT-2's real vocabulary and context
+        cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50257, n_positions=1024, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return tf.GPT2LMHeadModel(cfg)
+    if kind == "llama":  # untied head, pad id 0 (the embedding's padding_idx), odd vocabulary
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**small, pad_token_id=0, tie_word_embeddings=False))
+    if kind == "qwen2":  # q/k/v biases, tied head
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**small, tie_word_embeddings=True, pad_token_id=0))
+    return tf.MistralForCausalLM(tf.MistralConfig(**small, sliding_window=None, pad_token_id=None))
+
+
+def batch(vocab: int, step: int, b: int = 2, s: int = 7):  # s odd: not divisible by tp
+    idx = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(step))
+    idx[0, 2] = 0  # the pad id appears (its embedding row must get no gradient)
+    return idx
+
+
+def run(kind: str, tp: int = 0, sp: bool = False, steps: int = 3):
+    """Logits and gradients of the first step (original layout), losses and grad norms of ``steps``
+    AdamW steps with clipping, then greedy generation."""
+    state = init_parallel(ParallelLayout(tp=tp)) if tp else None
+    model = make(kind)
+    if tp:
+        parallelize(model, state, sequence_parallel=sp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    vocab = model.config.vocab_size
+    out = {"losses": [], "norms": []}
+    for step in range(steps):
+        idx = batch(vocab, step)
+        res = model(input_ids=idx, labels=idx)
+        res.loss.backward()
+        if step == 0:
+            out["logits"] = res.logits.detach()
+            out["grads"] = {n: (full_tensor(p, state, p.grad) if tp else p.grad.clone())
+                            for n, p in model.named_parameters()}  # fmt: skip
+        clip = gptpar.clip_grad_norm_ if tp else torch.nn.utils.clip_grad_norm_
+        out["norms"].append(clip(model.parameters(), 0.05).detach())
+        out["losses"].append(res.loss.detach())
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    gen = model.generate(batch(vocab, 9)[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=1)
+    out["generated"] = gen
+    return out
+
+
+_REFS: dict = {}
+
+
+def reference(kind):
+    if kind not in _REFS:
+        _REFS[kind] = run(kind)
+    return _REFS[kind]
+
+
+def check(got: dict, kind: str, label: str) -> None:
+    ref = reference(kind)
+    torch.testing.assert_close(got["logits"], ref["logits"], **TOL, msg=lambda m: f"{label} logits: {m}")
+    assert got["grads"].keys() == ref["grads"].keys(), label
+    for n, g in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][n], g, **TOL, msg=lambda m, n=n: f"{label} grad {n}: {m}")
+    for key in ("losses", "norms"):
+        torch.testing.assert_close(torch.stack(got[key]), torch.stack(ref[key]), **TOL,
+                                   msg=lambda m, key=key: f"{label} {key}: {m}")  # fmt: skip
+    assert torch.equal(got["generated"], ref["generated"]), f"{label} generate"
+    if kind == "llama":  # pad_token_id=0: the padding row gets no gradient
+        assert got["grads"]["model.embed_tokens.weight"][0].abs().max() == 0
+
+
+def _suite_at(cases, tp):
+    return {(kind, sp): run(kind, tp, sp) for kind, sp in cases}
+
+
+def test_real_models_at_tp2_match_the_original_including_sequence_parallel_at_odd_length():
+    cases = [(k, False) for k in MODELS] + [("gpt2", True), ("llama", True)]
+    results = run_distributed(_suite_at, 2, cases, 2)
+    for rank, res in enumerate(results):
+        for kind, sp in cases:
+            check(res[kind, sp], kind, f"{kind} tp=2{' sp' if sp else ''} rank {rank}")
+
+
+def test_real_models_at_tp4_with_replicated_kv_heads_match_the_original():
+    cases = [(k, False) for k in MODELS]
+    results = run_distributed(_suite_at, 4, cases, 4)
+    for rank, res in enumerate(results):
+        for kind, _ in cases:
+            check(res[kind, False], kind, f"{kind} tp=4 rank {rank}")
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def _save_load(tmp, kind, tp):
+    import transformers as tf
+
+    state = init_parallel(ParallelLayout(tp=tp))
+    model = parallelize(make(kind), state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    idx = batch(model.config.vocab_size, 0)
+    model(input_ids=idx, labels=idx).loss.backward()
+    opt.step()  # weights no longer at their (seeded) initialisation
+    model.eval()
+    want = model(input_ids=idx).logits.detach()
+    path = f"{tmp}/{kind}"
+    model.save_pretrained(path)  # gathers; rank 0 writes a standard directory
+    hf_err = None
+    if state.rank == 0:
+        loaded, info = tf.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        assert not any(info.values()), info
+        hf_err = (loaded(input_ids=idx).logits - want).abs().max().item()
+    mine = gptpar.from_pretrained(path, state)  # meta model, each rank reads its slices
+    metas = [n for n, p in mine.named_parameters() if p.device.type == "meta"]
+    err = (mine(input_ids=idx).logits - want).abs().max().item()
+    return hf_err, err, metas, tuple(mine.get_input_embeddings().weight.shape)
+
+
+@pytest.mark.parametrize("kind, tp", [("gpt2", 2), ("llama", 4), ("qwen2", 4)])
+def test_save_pretrained_writes_a_standard_directory_and_from_pretrained_loads_slices(tmp_path, kind, tp):
+    results = run_distributed(_save_load, tp, str(tmp_path), kind, tp)
+    assert results[0][0] is not None and results[0][0] < 1e-5, results[0]
+    vocab = make(kind).config.vocab_size
+    for _, err, metas, emb_shape in results:
+        assert err < 1e-5 and metas == []
+        assert emb_shape[0] == -(-vocab // tp)  # the padded vocabulary's shard, not a full copy
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+class QKNormAttention(nn.Module):
+    """A nanoGPT fork: nanoGPT's attention names, plus RMS-normalised q and k."""
+
+    def __init__(self, n_embd=32, n_head=4):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd, self.dropout = n_head, n_embd, 0.0
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = F.rms_norm(q, (C // self.n_head,)), F.rms_norm(k, (C // self.n_head,))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def _qk_norm_fork():
+    from test_parallelize import NanoGPT
+
+    state = init_parallel(ParallelLayout(tp=2))
+    model = NanoGPT()
+    for b in model.transformer.h:
+        b.attn = QKNormAttention()
+    try:
+        parallelize(model, state)
+    except GptparConfigError as e:
+        return str(e)
+    return "parallelised"
+
+
+def test_a_nanogpt_fork_with_a_different_attention_is_refused_by_name():
+    msg = run_distributed(_qk_norm_fork, 2)[0]
+    assert "'transformer.h.0.attn' (QKNormAttention) is not nanoGPT's CausalSelfAttention" in msg
+    assert "differs" in msg
+
+
+def _torch_clip(kind):
+    state = init_parallel(ParallelLayout(tp=2))
+    model = parallelize(make(kind), state)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        idx = batch(model.config.vocab_size, step)
+        try:
+            loss = model(input_ids=idx, labels=idx).loss
+        except GptparConfigError as e:
+            return step, str(e)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)  # each rank: its own shard's norm
+        opt.step()
+        opt.zero_grad()
+    return None, "no error"
+
+
+def test_torch_clip_grad_norm_on_a_parallelised_model_fails_loudly():
+    for step, msg in run_distributed(_torch_clip, 2, "llama"):
+        assert step == 1, msg  # caught at the first forward after the desynchronising step
+        assert "differ across the tp ranks" in msg and "gptpar.clip_grad_norm_" in msg
+
+
+def _bad_configs():
+    import transformers as tf
+
+    state = init_parallel(ParallelLayout(tp=4))
+    errors = []
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=6,
+                         num_key_value_heads=3, vocab_size=64)  # fmt: skip
+    for model in (tf.LlamaForCausalLM(cfg),):
+        try:
+            parallelize(model, state)
+            errors.append("ok")
+        except GptparConfigError as e:
+            errors.append(str(e))
+    emb = nn.Sequential(nn.Embedding(16, 8, max_norm=1.0))
+    try:
+        parallelize(emb, state, {"0": VocabEmbedding()})
+    except GptparConfigError as e:
+        errors.append(str(e))
+
+    class LoRALinear(nn.Linear):
+        pass
+
+    try:
+        parallelize(nn.Sequential(LoRALinear(8, 8)), state, {"0": Colwise()})
+    except GptparConfigError as e:
+        errors.append(str(e))
+    return errors
+
+
+def test_impossible_or_unknown_layouts_are_clear_errors():
+    errors = run_distributed(_bad_configs, 4)[0]
+    assert "6 heads cannot be split over tp=4" in errors[0] and "model.layers.0.self_attn" in errors[0]
+    assert "max_norm=1.0 is not supported" in errors[1]
+    assert "not exactly nn.Linear" in errors[2] and "LoRALinear" in errors[2]
+
+
+def test_gptpar_clip_on_an_unparallelised_model_is_torch_clip():
+    torch.manual_seed(0)
+    m = nn.Linear(4, 4)
+    m(torch.randn(3, 4)).sum().backward()
+    want = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in m.parameters()))
+    assert float(gptpar.clip_grad_norm_(m.parameters(), 1e-3)) == pytest.approx(want, rel=1e-6)
+    assert math.sqrt(sum(float(p.grad.pow(2).sum()) for p in m.parameters())) == pytest.approx(1e-3, rel=1e-3)
