@@ -80,7 +80,7 @@ class Plan:
 
 def stage_units(config: GPTConfig, pp: int, rank: int, v: int = 1) -> list[tuple[int, int]]:
     """Units (embedding, blocks, head) of pp rank ``rank``'s chunks, split by gptpar's partitioner."""
-    from gptpar.parallel.pipeline.partition import partition
+    from gptpar.models.stages import partition
 
     part = partition(config, pp, v)
     return [part.units(rank, c) for c in range(v)]

@@ -1,8 +1,9 @@
 """Pipeline (layer) parallelism: balanced stages, schedules as data, one executor, overlapped P2P."""
 
-from gptpar.parallel.pipeline.engine import PipelineEngine, StepStats, build_stage_chunks, make_pipeline
-from gptpar.parallel.pipeline.partition import Partition, balance, partition, profile_unit_costs, split, unit_costs
+from gptpar.parallel.pipeline.engine import PipelineEngine, StepStats
+from gptpar.parallel.pipeline.partition import Partition, balance, partition_units, profile_costs, split
 from gptpar.parallel.pipeline.schedules import SCHEDULES, Action, build, simulate, validate
+from gptpar.parallel.pipeline.stage import Stage, check_stage
 from gptpar.parallel.pipeline.timeline import plot_timeline
 
 __all__ = [
@@ -13,13 +14,12 @@ __all__ = [
     "StepStats",
     "balance",
     "build",
-    "build_stage_chunks",
-    "make_pipeline",
-    "partition",
+    "Stage",
+    "check_stage",
+    "partition_units",
     "plot_timeline",
-    "profile_unit_costs",
+    "profile_costs",
     "simulate",
     "split",
-    "unit_costs",
     "validate",
 ]

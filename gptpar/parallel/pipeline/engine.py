@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 from gptpar.errors import GptparConfigError
-from gptpar.models.gpt import GPTConfig
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import ParallelState
 from gptpar.parallel.pipeline.p2p import StageP2P
-from gptpar.parallel.pipeline.partition import Partition, partition
 from gptpar.parallel.pipeline.schedules import Action, build
+from gptpar.parallel.pipeline.stage import check_stage
 from gptpar.parallel.wgrad import defer_weight_grads
 
 
@@ -42,15 +41,10 @@ class StepStats:
         return 1.0 - self.blocked_s / self.total_s if self.total_s else 0.0
 
 
-def build_stage_chunks(config: GPTConfig, state: ParallelState, part: Partition, **options) -> list[nn.Module]:
-    """This pp rank's model chunks (only their weights are ever materialised)."""
-    from gptpar.models.parallel_gpt import ParallelGPT
-
-    return [ParallelGPT(config, state, units=part.units(state.pp.rank, c), **options) for c in range(part.v)]
-
-
 class PipelineEngine:
-    """Runs ``schedule`` over ``chunks`` (this rank's ``v`` model chunks, chunk c = virtual stage c*pp+rank)."""
+    """Runs ``schedule`` over ``chunks``: this rank's ``v`` model chunks (chunk c = virtual stage c*pp+rank),
+    each a :class:`~gptpar.parallel.pipeline.stage.Stage`. Collective over pp at construction (the ranks agree
+    on the shape of the tensors tied across stages)."""
 
     def __init__(
         self,
@@ -62,6 +56,8 @@ class PipelineEngine:
         record: bool = False,
         measure_memory: bool = False,
     ) -> None:
+        for c, chunk in enumerate(chunks):
+            check_stage(chunk, f"pipeline chunk {c}")
         self.chunks, self.state = chunks, state
         self.p, self.rank, self.v, self.m = state.pp.size, state.pp.rank, len(chunks), micro_batches
         if schedule != "interleaved" and self.v != 1:
@@ -74,8 +70,8 @@ class PipelineEngine:
         self.record = record
         self.measure_memory = measure_memory  # a Python hook per saved tensor: off the hot path by default
         self.nvs = self.p * self.v
-        self.tied = [t for c in chunks for t in c.tied_parameters()]
-        self.has_tied_split = chunks[0].config.tie_embeddings and self.nvs > 1
+        self.tied = list({id(t): t for c in chunks for t in c.tied_parameters()}.values())  # each tensor once
+        self.tied_shape = self._agree_tied_shape()
         self.last_stats = StepStats()
 
     # -- helpers
@@ -239,14 +235,34 @@ class PipelineEngine:
         comm.broadcast(loss, self.state.pp, src=(self.nvs - 1) % self.p)
         return loss
 
+    def _agree_tied_shape(self) -> tuple[int, ...] | None:
+        """The shape of the tensor tied across stages (e.g. an embedding shared with the LM head), agreed
+        over pp from the tied tensors themselves; None when no stage has one."""
+        shapes = {tuple(t.shape) for t in self.tied}
+        if len(shapes) > 1:
+            raise GptparConfigError(f"pipeline rank {self.rank}: tied tensors of different shapes {sorted(shapes)}")
+        mine = next(iter(shapes), ())
+        if len(mine) > 7:
+            raise GptparConfigError(f"pipeline rank {self.rank}: a tied tensor of {len(mine)} dims (at most 7)")
+        code = torch.zeros(8, dtype=torch.int64, device=self.state.device)
+        code[0] = len(mine) + 1 if self.tied else 0
+        code[1 : 1 + len(mine)] = torch.tensor(mine, dtype=torch.int64, device=self.state.device)
+        agreed = code.clone()
+        comm.all_reduce(agreed, self.state.pp, op=comm.ReduceOp.MAX)
+        if self.tied and not torch.equal(agreed, code):
+            raise GptparConfigError(
+                f"pipeline rank {self.rank}: its tied tensor has shape {mine}, another stage's has "
+                f"{tuple(agreed[1 : int(agreed[0])].tolist())}"
+            )
+        return tuple(agreed[1 : int(agreed[0])].tolist()) if agreed[0] else None
+
     def _sync_tied_grads(self) -> None:
-        """Sum the gradients of the tied embedding's two copies (first and last stage) over pp; stages
-        without a copy contribute zeros so every pp rank joins the same collective."""
-        if not self.has_tied_split:
+        """Sum the gradients of a tensor tied across stages (e.g. the embedding on the first stage and the
+        LM head on the last) over pp, sized from the tied tensors; stages without a copy contribute zeros
+        so every pp rank joins the same collective."""
+        if self.tied_shape is None:
             return
-        cfg = self.chunks[0].config
-        shape = (cfg.padded_vocab // self.state.tp.size, cfg.d_model)
-        buf = torch.zeros(shape, dtype=self.dtype, device=self.state.device)
+        buf = torch.zeros(self.tied_shape, dtype=self.dtype, device=self.state.device)
         for t in self.tied:
             if t.grad is not None:
                 buf += t.grad
@@ -256,22 +272,3 @@ class PipelineEngine:
                 t.grad = buf.clone()
             else:
                 t.grad.copy_(buf)  # in place: the gradient may be a view into a data-parallel buffer
-
-
-def make_pipeline(
-    config: GPTConfig,
-    state: ParallelState,
-    schedule: str = "1f1b",
-    micro_batches: int = 4,
-    v: int = 1,
-    costs: str | list[float] = "params",
-    record: bool = False,
-    negotiate_shapes: bool = False,
-    measure_memory: bool = False,
-    **options,
-) -> tuple[PipelineEngine, Partition]:
-    """Partition ``config`` over the pp group, build this rank's chunks, and return the engine.
-    ``options`` go to each chunk's :class:`~gptpar.models.parallel_gpt.ParallelGPT`."""
-    part = partition(config, state.pp.size, v if schedule == "interleaved" else 1, costs)
-    chunks = build_stage_chunks(config, state, part, **options)
-    return PipelineEngine(chunks, state, schedule, micro_batches, negotiate_shapes, record, measure_memory), part

@@ -1,9 +1,8 @@
-"""Splitting a GPT's units — ``[embedding, block 0, ..., block L-1, head]`` — into balanced pipeline stages.
-
-Costs per unit come from a cost model: ``"params"`` (parameter count; the head counts its V x h matrix even
-when tied, since the last stage computes with it), ``"flops"`` (matmul FLOPs per token, attention
-included), or ``"profile"`` (measured forward + backward time of each unit on this machine). The split
-minimises the most expensive stage (contiguous ranges, every stage non-empty; uneven splits allowed).
+"""Splitting a model's units (e.g. ``[embedding, block 0, ..., block L-1, head]``) into balanced pipeline
+stages. Model-agnostic: the units and their costs come from the model side (gptpar's GPT:
+:mod:`gptpar.models.stages`; transformers models: :mod:`gptpar.models.hf_stages`; or a
+:func:`profile_costs` run). The split minimises the most expensive stage (contiguous ranges, every stage
+non-empty; uneven splits allowed).
 With ``v`` chunks per rank there are ``pp * v`` virtual stages; virtual stage ``c * pp + r`` is chunk ``c``
 of pipeline rank ``r``.
 """
@@ -13,12 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from gptpar.errors import GptparConfigError
-from gptpar.models.gpt import GPTConfig
-
-COST_MODELS = ("params", "flops", "profile")
 
 
 @dataclass(frozen=True)
@@ -57,67 +51,6 @@ class Partition:
         return "\n".join(lines)
 
 
-def unit_names(config: GPTConfig) -> list[str]:
-    return ["embedding"] + [f"block.{i}" for i in range(config.n_layer)] + ["head"]
-
-
-def unit_costs(config: GPTConfig, model: str = "params", seq_len: int | None = None) -> list[float]:
-    h, f, v, L = config.d_model, config.ffn_hidden, config.padded_vocab, config.n_layer
-    s = seq_len or config.seq_len
-    wpe = config.seq_len * h if config.position == "learned" else 0
-    if model == "params":
-        block = config.num_params() - v * h - wpe - (0 if config.tie_embeddings else v * h)
-        norm = h * (2 if (config.norm == "layernorm" and config.bias) else 1)
-        per_block = (block - norm) / L
-        return [v * h + wpe] + [per_block] * L + [norm + v * h]
-    if model == "flops":  # forward matmul FLOPs per token (x3 for fwd+bwd cancels in the split)
-        fc = 2 * f if config.activation == "swiglu" else f
-        qkv = config.q_size + 2 * config.kv_size
-        per_block = 2 * (qkv * h + config.q_size * h + fc * h + f * h) + 2 * 2 * s * config.q_size  # + QK^T, PV
-        return [h] + [per_block] * L + [2 * v * h]
-    if model == "profile":
-        return profile_unit_costs(config, seq_len=s)
-    raise GptparConfigError(f"cost model {model!r} is unknown; expected one of {COST_MODELS} or a list of costs")
-
-
-def profile_unit_costs(config: GPTConfig, batch: int = 2, seq_len: int | None = None, reps: int = 3) -> list[float]:
-    """Measured forward + backward seconds of each unit (median of ``reps``) on this process's device."""
-    from gptpar.models.gpt import GPT
-
-    s = seq_len or config.seq_len
-    model = GPT(config)
-    idx = torch.randint(0, config.vocab_size, (batch, s))
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times[1:])[len(times[1:]) // 2]
-
-    def emb():
-        x = model.wte(idx)
-        if config.position == "learned":
-            x = x + model.wpe(torch.arange(s))
-        x.sum().backward()
-
-    x0 = torch.randn(batch, s, config.d_model, requires_grad=True)
-
-    from gptpar.models.gpt import rope_for
-
-    rope = rope_for(config, torch.arange(s), x0.device)
-
-    def block(b):
-        return lambda: b(x0, rope).sum().backward()
-
-    def head():
-        logits = model.lm_head(model.ln_f(x0))
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
-
-    return [timed(emb)] + [timed(block(b)) for b in model.blocks] + [timed(head)]
-
-
 def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
     """Contiguous split of ``costs`` into ``parts`` non-empty ranges minimising the largest sum."""
     n = len(costs)
@@ -145,15 +78,30 @@ def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
     return bounds[::-1]
 
 
-def partition(config: GPTConfig, pp: int, v: int = 1, costs: str | list[float] = "params") -> Partition:
-    """Balanced split of ``config``'s units over ``pp * v`` virtual stages."""
-    names = unit_names(config)
-    if config.n_layer < pp:
-        raise GptparConfigError(f"n_layer={config.n_layer} is less than pp={pp} (every pipeline stage needs a layer)")
-    c = list(costs) if not isinstance(costs, str) else unit_costs(config, costs)
-    if len(c) != len(names):
-        raise GptparConfigError(f"got {len(c)} unit costs for {len(names)} units ({names[0]}, ..., {names[-1]})")
-    return Partition(tuple(names), tuple(float(x) for x in c), tuple(balance(c, pp * v)), pp, v)
+def partition_units(
+    names: list[str] | tuple[str, ...], costs: list[float], pp: int, v: int = 1, min_units: int = 0
+) -> Partition:
+    """Balanced split of the units ``names`` (with per-unit ``costs``, from the model side) over ``pp * v``
+    virtual stages. ``min_units``: the model's count of units that every stage needs at least one of
+    (e.g. transformer blocks); fewer than ``pp`` is an error naming it."""
+    if len(costs) != len(names):
+        raise GptparConfigError(f"got {len(costs)} unit costs for {len(names)} units ({names[0]}, ..., {names[-1]})")
+    return Partition(tuple(names), tuple(float(x) for x in costs), tuple(balance(list(costs), pp * v)), pp, v)
+
+
+def profile_costs(units: list, reps: int = 3) -> list[float]:
+    """Generic cost model: the measured seconds (median of ``reps``) of each unit's ``fn()`` (one forward
+    and backward of that unit on a representative input, supplied by the model side)."""
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    return [timed(fn) for fn in units]
 
 
 def split(model, pp: int, blocks: str, rank: int | None = None, costs: list[float] | None = None):
