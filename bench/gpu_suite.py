@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from gptpar.ops.attention import attention
-from gptpar.ops.mlp import linear_act
 from gptpar.ops.norm import layer_norm, rms_norm
+from gptpar.ops.wgrad import linear_act
 
 
 def timeit(fn, device: str, reps: int) -> float:

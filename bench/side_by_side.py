@@ -1,8 +1,9 @@
 """gptpar next to PyTorch's own parallelism on the same model, in the same run (alternating):
 
 * tensor parallel, tp=2: ``gptpar.parallelize`` vs ``torch.distributed.tensor.parallel.parallelize_module``
-  (ColwiseParallel / RowwiseParallel) on one nanoGPT-style model written for neither, and on one Llama-style
-  model (RoPE, grouped-query attention with 8 query / 2 K/V heads, SwiGLU, RMSNorm, untied head);
+  (ColwiseParallel / RowwiseParallel) on one nanoGPT-style model written for neither, and on a transformers
+  ``LlamaForCausalLM`` (RoPE, 8 query / 2 K/V heads, SwiGLU, untied head): gptpar's built-in plan (from the
+  model's ``base_model_tp_plan``) vs the same plan in DTensor;
 * sharded optimizer, dp=2: gptpar ZeRO-1 (``DataParallel(shard_grads=True)`` + ``ZeroAdamW``) vs FSDP2
   ``fully_shard`` (ZeRO-3) with AdamW: step time and the bytes of weights, gradients and optimizer state
   each rank keeps between steps.
@@ -68,60 +69,42 @@ class Model(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), idx.flatten())
 
 
-class LlamaAttention(nn.Module):
-    def __init__(self, h, heads, kv_heads):
+def make_llama():
+    """A transformers LlamaForCausalLM (random init): RoPE, 8 query / 2 K/V heads, SwiGLU, untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, rope_theta=500000.0)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+class LossOf(nn.Module):
+    """``model(idx)`` -> the transformers model's own causal-LM loss on ``idx``."""
+
+    def __init__(self, model):
         super().__init__()
-        self.hd = h // heads
-        self.q, self.o = nn.Linear(h, h, bias=False), nn.Linear(h, h, bias=False)
-        self.k, self.v = (nn.Linear(h, kv_heads * self.hd, bias=False) for _ in range(2))
-
-    def forward(self, x, cos, sin):
-        b, s, _ = x.shape
-        q, k, v = (t(x).view(b, s, -1, self.hd).transpose(1, 2) for t in (self.q, self.k, self.v))  # local heads
-
-        def rope(t):
-            t1, t2 = t.chunk(2, dim=-1)
-            return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
-
-        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, enable_gqa=True)
-        return self.o(y.transpose(1, 2).reshape(b, s, -1))
-
-
-class LlamaBlock(nn.Module):
-    def __init__(self, h, heads, kv_heads, f):
-        super().__init__()
-        self.ln1, self.ln2, self.attn = nn.RMSNorm(h), nn.RMSNorm(h), LlamaAttention(h, heads, kv_heads)
-        self.gate, self.up, self.down = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False), nn.Linear(f, h, bias=False)
-
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.ln1(x), cos, sin)
-        y = self.ln2(x)
-        return x + self.down(F.silu(self.gate(y)) * self.up(y))
-
-
-class Llama(nn.Module):
-    def __init__(self, vocab=2048, h=256, heads=8, kv_heads=2, f=688, layers=4):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, h)
-        self.blocks = nn.ModuleList(LlamaBlock(h, heads, kv_heads, f) for _ in range(layers))
-        self.norm, self.head = nn.RMSNorm(h), nn.Linear(h, vocab, bias=False)
-        self.hd = h // heads
+        self.model = model
 
     def forward(self, idx):
-        inv = 1.0 / 500000.0 ** (torch.arange(0, self.hd, 2).float() / self.hd)
-        freqs = torch.arange(idx.shape[1]).float()[:, None] * inv[None]
-        cos, sin = freqs.cos(), freqs.sin()
-        x = self.emb(idx)
-        for b in self.blocks:
-            x = b(x, cos, sin)
-        return F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), idx.flatten())
+        return self.model(input_ids=idx, labels=idx).loss
 
 
-LLAMA_PLAN = {
-    "emb": Replicate(), "head": Replicate(),
-    "blocks.*.attn.q": Colwise(), "blocks.*.attn.k": Colwise(), "blocks.*.attn.v": Colwise(),
-    "blocks.*.attn.o": Rowwise(), "blocks.*.gate": Colwise(), "blocks.*.up": Colwise(), "blocks.*.down": Rowwise(),
-}  # fmt: skip
+# DTensor's version of the plan gptpar builds from the model's own base_model_tp_plan: vocab-parallel
+# embedding, q/k/v/gate/up by output rows (= by heads), o/down by input columns, LM head gathered.
+def _dtensor_llama_plan():
+    from torch.distributed.tensor import Replicate as DReplicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=DReplicate()),
+            "lm_head": ColwiseParallel(output_layouts=DReplicate())}  # fmt: skip
+    for i in range(4):
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{n}"] = ColwiseParallel()
+        for n in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{n}"] = RowwiseParallel()
+    return plan
 
 
 def _time_models(models: dict, idx, reps) -> dict:
@@ -140,24 +123,18 @@ def _time_models(models: dict, idx, reps) -> dict:
 
 
 def _tp_llama(reps, only=None, result=None):
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
     torch.set_num_threads(1)
     st = init_parallel(ParallelLayout(tp=2))
     idx = torch.randint(0, 2048, (8, 128), generator=torch.Generator().manual_seed(0))
     models = {}
     if only in (None, "gptpar"):
-        torch.manual_seed(0)
-        models["gptpar parallelize"] = parallelize(Llama(), st, LLAMA_PLAN)
+        models["gptpar parallelize"] = LossOf(parallelize(make_llama(), st))  # the built-in plan
     if only in (None, "torch"):
-        torch.manual_seed(0)
-        theirs = Llama()
-        for b in theirs.blocks:  # q/k/v/gate/up split by output rows = by heads; o/down by input columns
-            parallelize_module(b, st.mesh["tp"], {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
-                                                  "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel(),
-                                                  "gate": ColwiseParallel(), "up": ColwiseParallel(),
-                                                  "down": RowwiseParallel()})  # fmt: skip
-        models["torch parallelize_module"] = theirs
+        theirs = make_llama()
+        parallelize_module(theirs, st.mesh["tp"], _dtensor_llama_plan())
+        models["torch parallelize_module"] = LossOf(theirs)
     if only is not None:
         (model,) = models.values()
         return lambda: (model(idx).backward(), model.zero_grad(set_to_none=True))
@@ -191,6 +168,7 @@ def _tp(reps, only=None, result=None):
     st = init_parallel(ParallelLayout(tp=2))
     idx = torch.randint(0, 2048, (8, 128), generator=torch.Generator().manual_seed(0))
     if only == "gptpar":
+        torch.manual_seed(0)  # the same model on every rank (parallelize's replica check caught it missing)
         model = parallelize(Model(), st, TP_PLAN)
         return lambda: (model(idx).backward(), model.zero_grad(set_to_none=True))
     torch.manual_seed(0)
@@ -275,6 +253,8 @@ def _zero(reps, only=None, result=None):
 def _peak(kind, impl):
     """Peak resident bytes of one implementation, built and stepped twice in a fresh process."""
     torch.set_num_threads(1)
+    if kind == "tp_llama":
+        import transformers  # noqa: F401  (imported before the baseline: its ~100 MB are neither side's)
 
     def build():
         res = {}
@@ -302,7 +282,7 @@ def main() -> None:
                 r[name]["peak_bytes"] = peak
     date = time.strftime("%Y-%m-%d")
     print(f"side by side, CPU gloo, {os.cpu_count()} cores, {date}, torch {torch.__version__}")
-    for title, res in (("4-layer GPT, h=256", tp), ("4-layer Llama, h=256, 8 q / 2 K/V heads, RoPE, SwiGLU", tp_llama)):
+    for title, res in (("4-layer GPT, h=256", tp), ("transformers LlamaForCausalLM, 4 layers, h=256, 8 q / 2 K/V heads", tp_llama)):
         print(f"tensor parallel tp=2 ({title}, batch 8 x 128), forward + backward:")
         base = max(r["torch parallelize_module"]["time_s"] for r in res)
         for name in res[0]:

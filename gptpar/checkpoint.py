@@ -32,7 +32,7 @@ import torch
 
 from gptpar.errors import GptparConfigError, GptparError
 from gptpar.parallel.mesh import ParallelState
-from gptpar.parallel.tensor import shard_tensor, tp_spec, unshard_tensor
+from gptpar.sharding import shard_tensor, tp_spec, unshard_tensor
 
 CRASH_ENV = "GPTPAR_TEST_CRASH_IN_SAVE"  # tests only: die after writing this rank's file, before the rename
 
@@ -358,3 +358,20 @@ def load(folder: str, chunks, optimizer, state: ParallelState, config_dict: dict
     if state.rank == 0:
         print(f"gptpar: resharded checkpoint from {meta['layout']} to {state.layout} (weights and optimizer state)")
     return meta
+
+
+def export_checkpoint(ckpt: str, out: str, *, dtype: torch.dtype | None = None, **kw) -> str:
+    """A transformers directory from a gptpar checkpoint saved at any layout, one parameter at a time
+    (the shards are memory-mapped; no whole model is assembled). Returns ``out``."""
+    from gptpar.models.gpt import GPTConfig
+    from gptpar.models.hf import architecture_of, hf_shapes, source_dtype, write_hf_dir
+
+    meta = read_meta(ckpt)
+    config = GPTConfig.from_dict(meta["model"])
+    hf = meta.get("hf") or {}
+    dtype = dtype or (source_dtype(hf["config"]) if hf.get("config") else torch.float32)
+    arch = architecture_of(config)
+    names = list(hf_shapes(config, arch))
+    write_hf_dir(out, config, iter_full_tensors(ckpt, names), dtype=dtype, base_config=hf.get("config"),
+                 tokenizer_dir=meta.get("tokenizer_dir"), **kw)  # fmt: skip
+    return out

@@ -139,7 +139,9 @@ class Colwise:
     sequence_parallel: bool = False  # input is sequence-sharded along seq_dim: all-gather it first
     seq_dim: int = 1
     heads: int | None = None  # a q, k or v projection of this many heads (K/V replicated when tp > heads)
-    input_gathered: bool = False  # the input comes from SequenceParallelGather: its backward sums over tp
+    # The enclosing module's entry (SharedInput or SequenceParallelGather) already sums the input gradient
+    # over tp: skip this linear's own all-reduce (one reduction for q, k and v together, not three).
+    input_shared: bool = False
 
     def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
         w, b, fin, fout = _linear_params(m, name)
@@ -164,7 +166,7 @@ class Colwise:
         with skip_init():
             new = ColumnParallelLinear(fin, fout, b is not None, group=tp, gather_output=self.gather_output,
                                        chunks=chunks, sequence_parallel=self.sequence_parallel, seq_dim=self.seq_dim,
-                                       shared_group=shared, reduce_input_grad=not self.input_gathered,
+                                       shared_group=shared, reduce_input_grad=not self.input_shared,
                                        device=w.device, dtype=w.dtype)  # fmt: skip
         load_full_(new.weight, w, tp)
         _layout(new.weight, conv1d, rows)
@@ -265,10 +267,13 @@ class HFAttention:
     n_head: int
     n_kv_head: int
     sequence_parallel: bool = False  # gather the sequence-sharded input on entry (SequenceParallelGather)
+    share_input: bool = True  # one input-gradient all-reduce for q|k|v on entry (SharedInput)
 
     def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
         if self.sequence_parallel:
             SequenceParallelGather()(m, name, state)
+        elif self.share_input:
+            SharedInput()(m, name, state)
         missing = [a for a in ("q_proj", "k_proj", "v_proj", "o_proj", "num_key_value_groups") if not hasattr(m, a)]
         if missing or not type(m).__module__.startswith("transformers."):
             raise GptparConfigError(
@@ -313,11 +318,25 @@ def _first_input(args: tuple, kwargs: dict, fn, key: str = "hidden_states"):
 
 
 @dataclass(frozen=True)
+class SharedInput:
+    """A module whose column-parallel linears all read its input (q|k|v of an attention, gate|up of an
+    MLP): the input's gradient is all-reduced over tp once on entry (backward), instead of once per
+    linear; those linears take ``Colwise(input_shared=True)``."""
+
+    def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
+        def share(x):
+            return comm.copy_to_region(x, state.tp)
+
+        m.register_forward_pre_hook(lambda mod, args, kwargs: _first_input(args, kwargs, share), with_kwargs=True)
+        return m
+
+
+@dataclass(frozen=True)
 class SequenceParallelGather:
     """A module inside the sequence-parallel region that needs the whole sequence (an attention or MLP
     whose forward reads shapes from its input): all-gather its input along ``dim`` on entry (padding
     dropped); backward reduce-scatters, which also sums the input gradient over tp, so the column linears
-    inside take ``Colwise(input_gathered=True)``."""
+    inside take ``Colwise(input_shared=True)``."""
 
     dim: int = 1
 
@@ -510,6 +529,13 @@ def nanogpt_plan(sequence_parallel: bool = False) -> dict:
 _HF_STYLES = ("colwise", "rowwise", "replicated_with_grad_allreduce")
 
 
+def _is_hf_mlp(m: nn.Module) -> bool:
+    """A transformers gated MLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: gate and up read its input."""
+    children = {n for n, _ in m.named_children()}
+    return (type(m).__module__.startswith("transformers.") and type(m).__name__.endswith("MLP")
+            and children == {"gate_proj", "up_proj", "down_proj", "act_fn"})  # fmt: skip
+
+
 def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
     """A plan from a transformers model's own ``config.base_model_tp_plan`` (Llama, Mistral, Qwen2, Qwen3,
     ...): its column/row styles, q/k/v by heads (K/V replicated when tp > num_key_value_heads), per-head
@@ -534,7 +560,7 @@ def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
                 attn.add(parent)
             else:
                 gathered.add(parent)
-            plan[full] = Colwise(heads=heads, input_gathered=sp)
+            plan[full] = Colwise(heads=heads, input_shared=True)
         elif style == "rowwise":
             plan[full] = Rowwise(sequence_parallel=sp)
         elif style == "replicated_with_grad_allreduce":
@@ -546,8 +572,19 @@ def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
             )
     for a in attn:
         plan[a] = HFAttention(n_head, n_kv, sequence_parallel=sp)
-    if sp:
-        plan.update({g: SequenceParallelGather() for g in gathered - attn})
+    for g in gathered - attn:
+        mods = [m for n, m in model.named_modules() if fnmatch.fnmatchcase(n, g)]
+        if mods and all(_is_hf_mlp(m) for m in mods):  # gate and up both read the module's input
+            plan[g] = SequenceParallelGather() if sp else SharedInput()
+            continue
+        if sp:
+            raise GptparConfigError(
+                f"{cls}: sequence parallelism needs to gather the input of {g!r} ({type(mods[0]).__name__ if mods else '?'}), "
+                "which is not a known gate/up/down MLP; parallelise without sequence_parallel or pass a plan"
+            )
+        for pat in [p for p in plan if p.startswith(g + ".")]:  # unknown module: each linear reduces its own
+            if isinstance(plan[pat], Colwise):
+                plan[pat] = Colwise(heads=plan[pat].heads)
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     plan[embed_name] = VocabEmbedding()
@@ -690,7 +727,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, state: 
     (each parameter counted once across tp shards, tp replicas, K/V heads shared by a few ranks and
     pipeline-tied copies), the same clip coefficient on every rank. Returns the total norm (before
     clipping). ``state`` is found from the parameters when they belong to a :func:`parallelize` model."""
-    from gptpar.precision import clip_grad_norm_ as clip
+    from gptpar.parallel.grad_norm import clip_grad_norm_ as clip
 
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     if float(norm_type) != 2.0:

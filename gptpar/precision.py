@@ -17,6 +17,7 @@ import torch
 from gptpar.errors import GptparConfigError
 from gptpar.ops import unscale_check_
 from gptpar.parallel import comm
+from gptpar.parallel.grad_norm import clip_grad_norm_, global_grad_norm, norm_span  # noqa: F401  (re-exported)
 from gptpar.parallel.mesh import ParallelState
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -93,41 +94,3 @@ class DynamicLossScaler:
 
     def load_state_dict(self, d: dict) -> None:
         self.scale, self.good_steps, self.skipped = float(d["scale"]), int(d["good_steps"]), int(d["skipped"])
-
-
-def norm_span(p: torch.Tensor, state: ParallelState) -> tuple[int, int]:
-    """The flat elements of this rank's copy of ``p`` that add to the global gradient norm
-    (:func:`gptpar.parallel.tensor.norm_span`: every element counted once across tp and pipeline copies)."""
-    from gptpar.parallel.tensor import norm_span as span
-
-    return span(p, state.tp.rank)
-
-
-@torch.no_grad()
-def global_grad_norm(params, state: ParallelState) -> torch.Tensor:
-    """The L2 norm of the whole model's gradient, each parameter counted once across every parallel dim.
-
-    tp-sharded parameters contribute from every tp rank; tp-replicated ones only from tp rank 0; each
-    pipeline stage contributes its own parameters (a tied embedding's second copy, on the last stage, is
-    skipped); gradients replicated over dp and cp (after their reduction) are counted once.
-    """
-    sq = torch.zeros((), dtype=torch.float32, device=state.device)
-    for p in params:
-        lo, hi = norm_span(p, state) if p.grad is not None else (0, 0)
-        if hi > lo:
-            sq += p.grad.detach().reshape(-1)[lo:hi].float().pow(2).sum()
-    comm.all_reduce(sq, state.tp)
-    comm.all_reduce(sq, state.pp)
-    return sq.sqrt()
-
-
-@torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, state: ParallelState, eps: float = 1e-6) -> torch.Tensor:
-    """Scale gradients so the global norm (:func:`global_grad_norm`) is at most ``max_norm``; returns the
-    norm before clipping (the same on every rank). Same rule as ``torch.nn.utils.clip_grad_norm_``."""
-    params = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(params, state)
-    coef = torch.clamp(max_norm / (norm + eps), max=1.0)
-    for p in params:
-        p.grad.mul_(coef.to(p.grad.dtype))
-    return norm

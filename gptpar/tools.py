@@ -85,7 +85,7 @@ def export_main(argv: list[str], prog: str = "gptpar export") -> None:
                    help="tensor dtype (default: the dtype of the model the run started from, else float32)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a = p.parse_args(argv)
-    from gptpar.models.hf import export_checkpoint
+    from gptpar.checkpoint import export_checkpoint
 
     try:
         folder = _resolve_ckpt(a.ckpt)

@@ -12,14 +12,10 @@ end ``OUT/loss.png`` and ``OUT/summary.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
-import resource
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 
 import tomllib
@@ -30,10 +26,10 @@ from gptpar.models.gpt import PRESETS, GPTConfig, preset
 from gptpar.parallel.mesh import ParallelLayout
 from gptpar.parallel.pipeline.schedules import SCHEDULES
 from gptpar.precision import PRECISIONS
+from gptpar.trainer import RUN_ID_ENV
 
 ARGV_ENV = "GPTPAR_TRAIN_ARGV"
 SHUTDOWN_GRACE_S = 5
-RUN_ID_ENV = "GPTPAR_RUN_ID"  # the launcher names the run; checkpoints carry it; restarts resume only it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,270 +257,15 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
     return Run(args, layout, model, m, nproc)
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    t = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def stop_nonfinite(args, step: int, bad: int, loss: float, rank0: bool) -> None:
-    """Every rank stops alike (they share the loss and the global norm) with one clear line; no checkpoint
-    is written from a state that kept producing non-finite values."""
-    if rank0:
-        from gptpar import checkpoint
-
-        last = checkpoint.latest(args.out)
-        print(f"gptpar train: error: stopping at step {step + 1}: {bad} consecutive steps had a non-finite loss or "
-              f"gradient norm (last loss {loss}); they were skipped, the weights are unchanged since; last checkpoint: "
-              f"{last or 'none'} (lower --lr, or raise --max-skips)", file=sys.stderr, flush=True)  # fmt: skip
-    sys.stderr.flush()
-    os._exit(4)
-
-
-def keep_tokenizer(tokenizer_json: str | None, init_from: str | None, folder: str) -> None:
-    """Copy the run's tokenizer (and, from a Hugging Face directory, its other tokenizer files) into OUT."""
-    from gptpar.models.hf import TOKENIZER_FILES
-
-    os.makedirs(folder, exist_ok=True)
-    if init_from:
-        for fn in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(init_from, fn)):
-                shutil.copy(os.path.join(init_from, fn), os.path.join(folder, fn))
-    if tokenizer_json:
-        shutil.copy(tokenizer_json, os.path.join(folder, "tokenizer.json"))
-
-
 # ---------------------------------------------------------------------------------------------- worker
 def worker(argv: list[str]) -> None:
-    from gptpar import checkpoint
-    from gptpar.data import get_batch, prepare
-    from gptpar.models.parallel_gpt import ParallelGPT
-    from gptpar.parallel import comm
-    from gptpar.parallel.data import DataParallel, global_token_count
-    from gptpar.parallel.mesh import init_parallel
-    from gptpar.parallel.zero import ZeroAdamW
-    from gptpar.pipeline import make_pipeline
-    from gptpar.precision import DynamicLossScaler, autocast, clip_grad_norm_
-    from gptpar.testing import fault_point
+    """One rank of the run: :class:`gptpar.trainer.Trainer` over the parsed command line."""
+    from gptpar.data import prepare
+    from gptpar.trainer import Trainer
 
     args = parse(argv)
-    run_id = os.environ.get(RUN_ID_ENV) or os.environ.get("TORCHELASTIC_RUN_ID", "none")
     corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
-    vocab = args.vocab_size or corpus.vocab_size
-    run = resolve(args, vocab)
-    torch.manual_seed(args.seed)
-    st = init_parallel(run.layout, seed=args.seed, timeout=args.timeout)
-    comm.start_heartbeat(st.world)  # a timed-out collective then names the ranks that stopped answering
-    cfg = run.model
-    options = {"sequence_parallel": args.sequence_parallel, "recompute": args.recompute}
-    if args.init_from:
-        options["init_weights"] = False  # every parameter is read from --init-from below
-    if args.pp > 1:
-        v = args.virtual_stages if args.schedule == "interleaved" else 1
-        engine, part = make_pipeline(cfg, st, args.schedule, run.micro_batches, v, **options)
-        chunks = engine.chunks
-        if st.rank == 0:
-            print(part.report())
-    else:
-        engine = None
-        chunks = [ParallelGPT(cfg, st, **options)]
-    hf_meta = None
-    if args.init_from:
-        from gptpar.models.hf import HFWeights, load_hf_weights
-
-        weights = HFWeights(args.init_from)
-        for c in chunks:  # each rank reads only its own slices; before the optimizer copies any weight
-            load_hf_weights(c, weights, st)
-        weights.close()
-        hf_meta = {"architecture": weights.config.get("architectures", [None])[0], "config": weights.config}
-    params = [p for c in chunks for p in c.parameters()]
-    reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reduce_dtype]
-    # over dp x cp: cp ranks hold partial gradients (their tokens' share), summed in the same buckets
-    ddp = (  # summed, not averaged: each rank's loss is already its share of the global token-weighted mean
-        DataParallel(params, st, reduce_dtype=reduce_dtype, shard_grads=args.zero, average=False)
-        if st.dp.size * st.cp.size > 1
-        else None
-    )
-    if args.zero:  # weight decay on matrices only, as the torch optimizer's two groups below
-        opt = ZeroAdamW(
-            ddp, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, decay=lambda p: p.dim() >= 2
-        )
-    else:
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
-    scaler = DynamicLossScaler(st) if args.precision == "fp16" else None
-    tokenizer_dir = os.path.join(args.out, "tokenizer")
-    if st.rank == 0:  # the run keeps its own tokenizer files: generate and export never depend on a cache
-        keep_tokenizer(corpus.tokenizer_path, args.init_from, tokenizer_dir)
-    meta = {"model": cfg.to_dict(), "tokenizer": os.path.join(tokenizer_dir, "tokenizer.json")
-            if corpus.tokenizer_path else None, "tokenizer_dir": tokenizer_dir, "data": args.data, "args": vars(args),
-            "hf": hf_meta, "run_id": run_id}  # fmt: skip
-    start = 0
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    folder = checkpoint.latest(args.out)
-    # a restart resumes this run's own checkpoint only (a new run that fails before its first save starts
-    # over, never from what an earlier run left in OUT)
-    if folder is not None and (args.resume or (restarted and checkpoint.read_meta(folder).get("run_id") == run_id)):
-        loaded = checkpoint.load(folder, chunks, opt, st, cfg.to_dict())
-        start = loaded["step"]  # weights and optimizer state, resharded if the layout changed
-        if scaler is not None and "scaler" in loaded["extra"]:
-            scaler.load_state_dict(loaded["extra"]["scaler"])
-    rank0 = st.rank == 0
-    log_path = os.path.join(args.out, "log.jsonl")
-    if rank0:
-        os.makedirs(args.out, exist_ok=True)
-        kept = []
-        if start > 0 and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    per_dp = args.batch_size // st.dp.size
-    m = run.micro_batches
-    device_type = st.device.type
-    n_params = cfg.num_params()
-    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
-    peak = (args.peak_tflops or (989.0 if device_type == "cuda" else 0.4)) * 1e12
-    bar = None
-    if rank0 and not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
-    comm_s, tokens_done, t_run = 0.0, 0, time.perf_counter()
-
-    def evaluate() -> float:
-        for c in chunks:
-            c.eval()
-        losses = []
-        for i in range(args.eval_batches):
-            x, y = get_batch(corpus.val, cfg.seq_len, per_dp, args.seed + 7, i, st.dp.rank, st.dp.size)
-            with torch.no_grad(), autocast(args.precision, device_type):
-                loss = engine.evaluate(x, y) if engine else chunks[0](x.to(st.device), y.to(st.device))[1]
-            losses.append(loss.float())
-        for c in chunks:
-            c.train()
-        val = torch.stack(losses).mean()
-        comm.all_reduce(val, st.dp)
-        return val.item() / st.dp.size
-
-    bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient norm
-    for step in range(start, args.steps):
-        fault_point(step, st.rank, st.world_size, args.out)
-        t0 = time.perf_counter()
-        lr = lr_at(step, args)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = get_batch(corpus.train, cfg.seq_len, per_dp, args.seed, step, st.dp.rank, st.dp.size)
-        x, y = x.to(st.device), y.to(st.device)
-        scale = scaler.scale if scaler else 1.0
-        count = global_token_count(y, st)  # the loss is sum over valid tokens / this, at every layout
-        if engine is not None:
-            sync = ddp.no_sync() if ddp else contextlib.nullcontext()
-            with sync, autocast(args.precision, device_type):
-                loss = engine.step(x, y, loss_scale=scale, normalizer=count)
-            comm_s += engine.last_stats.blocked_s
-        else:
-            xs, ys = x.chunk(m), y.chunk(m)
-            total = torch.zeros((), device=st.device)
-            for i in range(m):
-                sync = ddp.no_sync() if (ddp and i < m - 1) else contextlib.nullcontext()
-                with sync:
-                    with autocast(args.precision, device_type):
-                        _, loss_i = chunks[0](xs[i], ys[i], loss_normalizer=count)
-                    (loss_i * scale).backward()
-                total += loss_i.detach().float()
-            loss = total
-        tc = time.perf_counter()
-        if ddp:
-            ddp.finish()
-        comm_s += time.perf_counter() - tc
-        loss = loss.detach().float()
-        comm.all_reduce(loss, st.dp)  # the dp ranks' shares add up to the global token-weighted mean
-        loss_value = loss.item()  # the same on every rank
-        if scaler:
-            skip = scaler.unscale_tensors_(opt.grad_shards()) if args.zero else scaler.unscale_(params)
-        else:
-            skip = False
-        nonfinite = not math.isfinite(loss_value)
-        if not skip:
-            max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")  # the norm is always checked
-            norm = opt.clip_grad_norm_(max_norm, st) if args.zero else clip_grad_norm_(params, max_norm, st)
-            nonfinite = nonfinite or not math.isfinite(float(norm))  # global: every rank decides alike
-            skip = nonfinite
-            if not skip:
-                opt.step()
-        if scaler:
-            scaler.update(skip)
-        if ddp:
-            ddp.zero_grad()
-        else:
-            opt.zero_grad(set_to_none=True)
-        bad_steps = bad_steps + 1 if nonfinite else 0
-        dt = time.perf_counter() - t0
-        tokens = args.batch_size * cfg.seq_len
-        tokens_done += tokens
-        record = {"step": step + 1, "loss": loss_value, "lr": lr, "tokens_per_s": tokens / dt,
-                  "mfu": tokens / dt * flops_per_token / (peak * st.world_size), "time_s": dt,
-                  "loss_scale": scaler.scale if scaler else None, "skipped": bool(skip), "nonfinite": nonfinite}  # fmt: skip
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            record["val_loss"] = evaluate()
-        if rank0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar:
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.1%}",
-                                lr=f"{lr:.2e}", scale=scaler.scale if scaler else "-")  # fmt: skip
-                bar.update(1)
-        if bad_steps >= args.max_skips:  # logged first: the log shows the skipped steps
-            stop_nonfinite(args, step, bad_steps, loss_value, rank0)
-        last = step + 1 == args.steps
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            extra = {"scaler": scaler.state_dict()} if scaler else {}
-            checkpoint.save(args.out, step + 1, chunks, opt, st, meta, extra)
-            if args.keep_last and rank0:
-                checkpoint.prune(args.out, args.keep_last)
-    if bar:
-        bar.close()
-    elapsed = time.perf_counter() - t_run
-    peak_mem = torch.tensor(
-        [torch.cuda.max_memory_allocated(st.device) if device_type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024],
-        dtype=torch.float64, device=st.device,
-    )  # fmt: skip
-    mems = comm.all_gather(peak_mem, st.world, 0).tolist()
-    if rank0:
-        summary = {"steps": args.steps, "layout": str(st.layout), "tokens_per_s": tokens_done / elapsed if elapsed else 0,
-                   "peak_memory_bytes_per_rank": mems, "time_in_communication_s_rank0": comm_s, "elapsed_s": elapsed}  # fmt: skip
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        plot_losses(log_path, os.path.join(args.out, "loss.png"))
-        print(f"gptpar train: {args.steps} steps, {summary['tokens_per_s']:,.0f} tokens/s, peak memory per rank "
-              f"{max(mems) / 2**20:.0f} MiB, {comm_s:.1f}s in communication (rank 0); "
-              f"log {log_path}, plot {os.path.join(args.out, 'loss.png')}")  # fmt: skip
-
-
-def plot_losses(log_path: str, png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(log_path)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    Trainer(args, resolve(args, args.vocab_size or corpus.vocab_size), corpus).train()
 
 
 # ---------------------------------------------------------------------------------------------- launcher

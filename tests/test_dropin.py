@@ -255,3 +255,24 @@ def test_gptpar_clip_on_an_unparallelised_model_is_torch_clip():
     want = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in m.parameters()))
     assert float(gptpar.clip_grad_norm_(m.parameters(), 1e-3)) == pytest.approx(want, rel=1e-6)
     assert math.sqrt(sum(float(p.grad.pow(2).sum()) for p in m.parameters())) == pytest.approx(1e-3, rel=1e-3)
+
+
+def _backward_traffic():
+    from gptpar.parallel import comm
+
+    state = init_parallel(ParallelLayout(tp=2))
+    model = parallelize(make("llama"), state)
+    idx = batch(model.config.vocab_size, 0)
+    loss = model(input_ids=idx, labels=idx).loss
+    with comm.count_traffic() as t:
+        loss.backward()
+    return t.get("all_reduce", 0)
+
+
+def test_q_k_v_and_gate_up_share_one_input_gradient_all_reduce():
+    cfg = make("llama").config
+    b, s = batch(cfg.vocab_size, 0).shape
+    act = b * s * cfg.hidden_size * 4  # one fp32 activation gradient; a ring all-reduce at tp=2 sends 1x it
+    per_block = 2  # attention input (q|k|v together) and MLP input (gate|up together), not 5
+    want = (per_block * cfg.num_hidden_layers + 1) * act  # + the LM head's input
+    assert run_distributed(_backward_traffic, 2) == [want, want]

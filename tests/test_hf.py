@@ -180,7 +180,7 @@ def test_train_with_lr_0_then_export_gives_back_the_same_model(models, tmp_path,
     assert (exported / "tokenizer.json").exists()
     if name == "llama":
         # files split at a size limit (5 GB by default) with an index, as transformers writes large models
-        from gptpar.models.hf import export_checkpoint
+        from gptpar.checkpoint import export_checkpoint
         from gptpar.tools import _resolve_ckpt
 
         split = tmp_path / "split"

@@ -40,7 +40,8 @@ def test_norms_bf16():
 
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
 def test_fused_mlp_bf16(act):
-    from gptpar.ops.mlp import linear_act, reference_linear_act
+    from gptpar.ops.mlp import reference_linear_act
+    from gptpar.ops.wgrad import linear_act
 
     torch.manual_seed(0)
     m, k, f = 4096, 1024, 2048

@@ -7,7 +7,8 @@ import sys
 
 CHECK = r"""
 import torch
-from gptpar.ops.mlp import act_backward, apply_activation, linear_act, reference_act_backward, reference_linear_act
+from gptpar.ops.mlp import act_backward, apply_activation, reference_act_backward, reference_linear_act
+from gptpar.ops.wgrad import linear_act
 
 torch.manual_seed(0)
 # fp16 and fp32 through the tensor-core path (matmuls in the input dtype); bf16 through the UPCAST loads

@@ -165,7 +165,7 @@ def _column_activation(tp):
     """The fused-activation column-parallel linear (plain and sequence parallel, weight grads now or
     deferred to a zero-bubble W step) against nn.Linear + the activation."""
     from gptpar.ops.mlp import apply_activation
-    from gptpar.parallel.wgrad import defer_weight_grads
+    from gptpar.ops.wgrad import defer_weight_grads
 
     g = init_parallel(ParallelLayout(tp=tp)).tp
     for act, sp, defer in [(a, s, d) for a in ("gelu", "swiglu") for s in (False, True) for d in (False, True)]:

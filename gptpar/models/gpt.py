@@ -367,7 +367,7 @@ def full_init_value(name: str, shape: tuple[int, ...], config: GPTConfig, seed: 
 @torch.no_grad()
 def init_gpt_weights(model: nn.Module, config: GPTConfig, seed: int, tp_size: int = 1, tp_rank: int = 0) -> None:
     """Initialise every parameter of a reference or tensor-parallel GPT to its shard of the same full value."""
-    from gptpar.parallel.tensor import full_length, shard_tensor, tp_spec
+    from gptpar.sharding import full_length, shard_tensor, tp_spec
 
     for name, p in model.named_parameters():
         dim, chunks = tp_spec(p)

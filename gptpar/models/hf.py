@@ -12,7 +12,7 @@ lacks a tensor, holds one of the wrong shape or one gptpar would not use.
   :func:`read_shard` reads only the rows/columns one tensor-parallel rank holds (``safe_open.get_slice``),
   so a rank's host memory stays near its shard plus one slice;
 * :func:`from_hf` — a :class:`~gptpar.models.parallel_gpt.ParallelGPT` (or a pipeline stage of it) with a
-  directory's weights; :func:`to_hf` / :func:`export_checkpoint` — a directory that
+  directory's weights; :func:`to_hf` (and :func:`gptpar.checkpoint.export_checkpoint`) — a directory that
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads with no missing or unexpected keys, written
   with :class:`SafetensorsWriter` one tensor at a time in files of at most ``max_shard_bytes``.
 """
@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from gptpar.errors import GptparConfigError
 from gptpar.models.gpt import GPTConfig
-from gptpar.parallel.tensor import shard_tensor
+from gptpar.sharding import shard_tensor
 
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 ARCHITECTURES = ("GPT2LMHeadModel",) + LLAMA_FAMILY
@@ -429,7 +429,7 @@ def read_shard(weights: HFWeights, config: GPTConfig, arch: str, specs: dict, tp
 
 def param_specs(model: nn.Module, tp_size: int) -> dict[str, tuple[tuple[int, ...], int | None, object]]:
     """``name -> (full shape, tp dim, chunks)`` of a (parallel) model's parameters, tied names included."""
-    from gptpar.parallel.tensor import full_length, tp_spec
+    from gptpar.sharding import full_length, tp_spec
 
     out = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -593,9 +593,9 @@ def to_hf(model: nn.Module, state, path: str, *, dtype: torch.dtype | None = Non
     """Write a live (tensor-parallel) model as a transformers directory. Collective over the tp group: one
     parameter at a time is gathered (never the whole model on one rank) and rank 0 writes it. Pipeline
     stages: pass the whole-model ``model`` on a pp=1 layout, or save a checkpoint and
-    :func:`export_checkpoint` it."""
+    :func:`gptpar.checkpoint.export_checkpoint` it."""
     from gptpar.models.parallel_gpt import gather_full
-    from gptpar.parallel.tensor import tp_spec
+    from gptpar.sharding import tp_spec
 
     if state.pp.size > 1:
         raise GptparConfigError("to_hf needs the whole model on each pipeline rank: export a checkpoint instead")
@@ -619,19 +619,3 @@ def to_hf(model: nn.Module, state, path: str, *, dtype: torch.dtype | None = Non
     from gptpar.parallel import comm
 
     comm.all_reduce(torch.zeros(1, device=state.device), state.world)  # the directory exists on return
-
-
-def export_checkpoint(ckpt: str, out: str, *, dtype: torch.dtype | None = None, **kw) -> str:
-    """A transformers directory from a gptpar checkpoint saved at any layout, one parameter at a time
-    (the shards are memory-mapped; no whole model is assembled). Returns ``out``."""
-    from gptpar import checkpoint
-
-    meta = checkpoint.read_meta(ckpt)
-    config = GPTConfig.from_dict(meta["model"])
-    hf = meta.get("hf") or {}
-    dtype = dtype or (source_dtype(hf["config"]) if hf.get("config") else torch.float32)
-    arch = architecture_of(config)
-    names = list(hf_shapes(config, arch))
-    write_hf_dir(out, config, checkpoint.iter_full_tensors(ckpt, names), dtype=dtype, base_config=hf.get("config"),
-                 tokenizer_dir=meta.get("tokenizer_dir"), **kw)  # fmt: skip
-    return out

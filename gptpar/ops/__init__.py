@@ -12,8 +12,9 @@ from gptpar.ops.grad import (
     unpack_accumulate,
     unscale_check_,
 )
-from gptpar.ops.mlp import act_backward, linear_act, linear_act_forward, reference_linear_act
+from gptpar.ops.mlp import act_backward, linear_act_forward, reference_linear_act
 from gptpar.ops.norm import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
+from gptpar.ops.wgrad import linear_act
 
 __all__ = [
     "act_backward",

@@ -9,7 +9,7 @@ and a torch reference:
   linear's backward then feeds to its input- and weight-gradient GEMMs.
 
 :func:`linear_act` is the differentiable op; it is the deferrable-weight-gradient linear of
-:mod:`gptpar.parallel.wgrad` with an activation, so zero-bubble pipelines split its backward too.
+:mod:`gptpar.ops.wgrad` with an activation, so zero-bubble pipelines split its backward too.
 Under autocast the Triton path runs in the autocast dtype, as ``F.linear`` would.
 """
 
@@ -113,11 +113,3 @@ def act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.
     mlp_act_bwd_kernel[(triton.cdiv(m * f, block),)](pre_c, dy_c, dpre, m, f, SWIGLU=activation == "swiglu",
                                                      BLOCK=block)  # fmt: skip
     return dpre
-
-
-def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu"):
-    """``act(x @ W^T + b)``, differentiable; see module docstring."""
-    from gptpar.parallel.wgrad import linear
-
-    check_activation(activation)
-    return linear(x, weight, bias, activation)

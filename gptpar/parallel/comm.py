@@ -198,19 +198,6 @@ def all_gather_async(shard: torch.Tensor, group: Group) -> Pending:
     return Pending(_all_gather_single(out, shard, group=group.pg, async_op=True), "all_gather", group, out)
 
 
-def new_subgroups(state_world: Group, rank_lists: list[tuple[int, ...]], name: str, timeout=None) -> Group | None:
-    """Create a process group for every rank list (every rank must call this with the same lists, in the
-    same order); returns this rank's :class:`Group` among them, or None if it is in none."""
-    mine = None
-    me = state_world.global_rank
-    for ranks in rank_lists:
-        pg = dist.new_group(list(ranks)) if len(ranks) > 1 else None
-        if me in ranks:
-            mine = Group(name=name, pg=pg, ranks=tuple(ranks), rank=ranks.index(me), global_rank=me,
-                         timeout=timeout or state_world.timeout)  # fmt: skip
-    return mine
-
-
 def barrier(group: Group) -> None:
     """Wait until every rank of ``group`` reaches this point (bounded by the group's timeout)."""
     if group.size == 1:

@@ -101,13 +101,6 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def _reduction_groups(state: ParallelState) -> list[tuple[int, ...]]:
-    """Every gradient-reduction group's ranks: the dp groups, or the dp x cp groups when cp > 1."""
-    lay = state.layout
-    dims = ("dp", "cp") if lay.cp > 1 else ("dp",)
-    return sorted({lay.ranks_along(dims, r) for r in range(lay.world_size)})
-
-
 def _hierarchy(
     state: ParallelState, groups: list[tuple[int, ...]], ranks_per_node: int
 ) -> tuple[Group | None, Group | None, Group | None]:
@@ -124,9 +117,9 @@ def _hierarchy(
         intra.extend(tuple(x) for x in local)
         inter.extend(tuple(x[i] for x in local) for i in range(len(local[0])))
     return (
-        comm.new_subgroups(state.world, intra, "dp_intra_node"),
-        comm.new_subgroups(state.world, inter, "dp_inter_node"),
-        comm.new_subgroups(state.world, intra, "dp_intra_node_2"),  # the all-gather phase's own group
+        state.subgroups(f"dp_intra_node/{ranks_per_node}", intra),
+        state.subgroups(f"dp_inter_node/{ranks_per_node}", inter),
+        state.subgroups(f"dp_intra_node_2/{ranks_per_node}", intra),  # the all-gather phase's own group
     )
 
 
@@ -160,10 +153,8 @@ class DataParallel:
         if not self.params:
             raise GptparConfigError("DataParallel got no parameters that require gradients")
         self.state = state
-        groups = _reduction_groups(state)  # with cp > 1: dp x cp, reduced in one pass (see module docstring)
-        if state.cp.size > 1 and "dp_cp" not in state.groups:  # created once per state, collectively
-            state.groups["dp_cp"] = comm.new_subgroups(state.world, groups, "dp_cp")
-        self.group = state.groups["dp_cp"] if state.cp.size > 1 else state.dp
+        groups = state.reduction_ranks()  # with cp > 1: dp x cp, reduced in one pass (see module docstring)
+        self.group = state.groups["dp_cp"] if state.cp.size > 1 else state.dp  # made by init_parallel
         self.reduce_dtype, self.error_feedback, self.shard_grads, self.average = (
             reduce_dtype, error_feedback, shard_grads, average,
         )  # fmt: skip
@@ -191,10 +182,7 @@ class DataParallel:
         low = reduce_dtype != torch.float32 or any(prm.dtype != torch.float32 for prm in self.params)
         self.group2 = None
         if low and not shard_grads:
-            key = f"{self.group.name}_allgather"
-            if key not in state.groups:
-                state.groups[key] = comm.new_subgroups(state.world, groups, key)
-            self.group2 = state.groups[key]
+            self.group2 = state.subgroups(f"{self.group.name}_allgather", groups)  # made by init_parallel
         self._no_sync = False
         self._build(bucket_mb, first_bucket_mb, p)
         for prm in self.params:

@@ -228,23 +228,35 @@ class ParallelState:
 
     def tp_subgroup(self, size: int) -> Group:
         """The ``size`` consecutive ranks of this rank's tp group that hold it (e.g. the ranks sharing a K/V
-        head when tp > n_kv_head). Collective the first time for a ``size``: every rank of the world creates
-        every such group, in the same order (model construction runs on every rank)."""
+        head when tp > n_kv_head). :func:`init_parallel` creates every such group up front."""
         tp = self.tp
         if size < 1 or tp.size % size:
             raise GptparConfigError(f"a tp subgroup of {size} ranks does not divide the tp group of {tp.size}")
         if size == tp.size:
             return tp
-        key = f"tp/{size}"
-        if key not in self.groups:
+        # tp groups are runs of consecutive ranks
+        return self.subgroups(f"tp/{size}", [tuple(range(f, f + size)) for f in range(0, self.world_size, size)])
+
+    def subgroups(self, name: str, rank_lists) -> Group | None:
+        """This rank's group among ``rank_lists`` (None if it is in none), known as ``name``. The mesh owns
+        every process group: the standard ones are made by :func:`init_parallel`; one made later (e.g. the
+        intra-/inter-node groups of a hierarchical reduction) is created here on first use, collectively:
+        every rank asks for the same names with the same lists, in the same order."""
+        if name not in self.groups:
             mine = None
-            for first in range(0, self.world_size, size):  # tp groups are runs of consecutive ranks
-                ranks = tuple(range(first, first + size))
-                pg = dist.new_group(list(ranks), timeout=tp.timeout) if size > 1 else None
+            for ranks in rank_lists:
+                ranks = tuple(ranks)
+                pg = dist.new_group(list(ranks), timeout=self.world.timeout) if len(ranks) > 1 else None
                 if self.rank in ranks:
-                    mine = Group(key, pg, ranks, ranks.index(self.rank), self.rank, tp.timeout)
-            self.groups[key] = mine
-        return self.groups[key]
+                    mine = Group(name, pg, ranks, ranks.index(self.rank), self.rank, self.world.timeout)
+            self.groups[name] = mine
+        return self.groups[name]
+
+    def reduction_ranks(self) -> list[tuple[int, ...]]:
+        """Every gradient-reduction group's ranks: the dp groups, or the dp x cp groups when cp > 1."""
+        lay = self.layout
+        dims = ("dp", "cp") if lay.cp > 1 else ("dp",)
+        return sorted({lay.ranks_along(dims, r) for r in range(lay.world_size)})
 
     def seed_for(self, purpose: str) -> int:
         """Seeds per coordinate: ``'params'`` (same on all ranks), ``'tp_local'`` (differs across tp only),
@@ -349,10 +361,27 @@ def init_parallel(
     state = ParallelState(
         layout=layout, rank=my_rank, device=device, backend=backend, mesh=mesh, groups=groups, seed=seed
     )
+    _make_standard_groups(state)
     _STATE_CACHE[key] = state
     if my_rank == 0:
         logger.info("gptpar: initialised %s on %d ranks (%s)", layout, ws, backend)
     return state
+
+
+def _make_standard_groups(state: ParallelState) -> None:
+    """Every process group the library uses besides the mesh's dims, made once here (collectively): tp
+    subgroups (K/V heads shared by a few tp ranks), the dp x cp reduction group when cp > 1, and a clone
+    of the reduction group for the low-precision all-gather phase (its own group, so it can overlap)."""
+    tp = state.layout.tp
+    for size in range(2, tp):
+        if tp % size == 0:
+            state.tp_subgroup(size)
+    lists = state.reduction_ranks()
+    name = "dp_cp" if state.layout.cp > 1 else "dp"
+    if name == "dp_cp":
+        state.subgroups("dp_cp", lists)
+    if len(lists[0]) > 1:
+        state.subgroups(f"{name}_allgather", lists)
 
 
 def shutdown_parallel() -> None:

@@ -21,9 +21,7 @@ import torch.nn.functional as F
 
 from gptpar.errors import GptparConfigError
 from gptpar.ops.mlp import check_activation
-from gptpar.parallel import comm
-from gptpar.parallel.mesh import Group
-from gptpar.parallel.wgrad import (
+from gptpar.ops.wgrad import (
     deferred_queue,
     forward_saving,
     linear,
@@ -31,127 +29,19 @@ from gptpar.parallel.wgrad import (
     saved_and_pre_activation_grad,
     weight_grads_now_or_later,
 )
-
-# ---------------------------------------------------------------------------------------------- sharding
-# A spec is ``(dim, chunks)``. ``chunks`` is either an int k (``dim`` holds k equal blocks, each split
-# across tp) or a tuple of head counts, one per block (``dim`` holds blocks of ``heads * unit`` rows, unit =
-# size / sum(heads)): a block whose heads divide by tp is split across tp; a block with fewer heads than tp
-# (tp a multiple of them) keeps one head per rank, each head on the tp/heads consecutive ranks whose query
-# heads use it (grouped-query attention's K/V when tp > n_kv_head, Megatron's rule). The spec does not
-# depend on tp, so checkpoints record it once and reshard to any tp.
-Chunks = int | tuple[int, ...]
-
-
-def set_tp_spec(param: torch.Tensor, dim: int | None, chunks: Chunks = 1) -> torch.Tensor:
-    """Mark ``param`` as split along ``dim`` across tp (``None``: replicated across tp)."""
-    param.tp_dim = dim
-    param.tp_chunks = chunks if isinstance(chunks, int) else tuple(int(c) for c in chunks)
-    return param
-
-
-def tp_spec(param: torch.Tensor) -> tuple[int | None, Chunks]:
-    return getattr(param, "tp_dim", None), getattr(param, "tp_chunks", 1)
-
-
-def head_split(heads: int, size: int) -> tuple[int, int]:
-    """``(heads per rank, ranks sharing each head)`` for ``heads`` heads over a tp group of ``size``."""
-    if heads % size == 0:
-        return heads // size, 1
-    if size % heads == 0:
-        return 1, size // heads
-    raise GptparConfigError(
-        f"{heads} heads cannot be split over tp={size}: tp must divide the heads, or be a multiple of them "
-        "(each head then replicated on tp/heads ranks)"
-    )
-
-
-def _blocks(length: int, chunks: Chunks) -> list[tuple[int, int]]:
-    """``(rows, heads)`` per block of a dimension of ``length`` under ``chunks``."""
-    if isinstance(chunks, int):
-        if length % chunks:
-            raise GptparConfigError(f"dimension of {length} is not divisible by chunks={chunks}")
-        return [(length // chunks, 0)] * chunks
-    total = sum(chunks)
-    if length % total:
-        raise GptparConfigError(f"dimension of {length} is not divisible into {total} heads {tuple(chunks)}")
-    unit = length // total
-    return [(h * unit, h) for h in chunks]
-
-
-def local_length(length: int, chunks: Chunks, size: int) -> int:
-    """This rank's length of a dimension of ``length`` split under ``chunks`` across ``size`` ranks."""
-    if isinstance(chunks, int):
-        if length % (chunks * size):
-            raise GptparConfigError(
-                f"dimension of {length} (in {chunks} block(s)) is not divisible by chunks*tp = {chunks}*{size}: "
-                "each block's rows are split across tp"
-            )
-        return length // size
-    return sum(rows // heads * head_split(heads, size)[0] for rows, heads in _blocks(length, chunks))
-
-
-def full_length(local: int, chunks: Chunks, size: int) -> int:
-    """Inverse of :func:`local_length`: the full length of a dimension of which a rank holds ``local``."""
-    if isinstance(chunks, int):
-        return local * size
-    return local // sum(head_split(h, size)[0] for h in chunks) * sum(chunks)
-
-
-def shard_tensor(full: torch.Tensor, dim: int | None, chunks: Chunks, size: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s piece of ``full`` under spec (``dim``, ``chunks``) for a group of ``size``."""
-    if dim is None or size == 1:
-        return full.clone()
-    if isinstance(chunks, int) and full.shape[dim] % (chunks * size):
-        raise GptparConfigError(
-            f"cannot shard a tensor of shape {tuple(full.shape)}: dim {dim} ({full.shape[dim]}) is not divisible by "
-            f"chunks*tp = {chunks}*{size}"
-        )
-    out = []
-    at = 0
-    for rows, heads in _blocks(full.shape[dim], chunks):
-        block = full.narrow(dim, at, rows)
-        at += rows
-        if heads == 0:
-            out.append(block.chunk(size, dim=dim)[rank])
-        else:
-            per_rank, sharing = head_split(heads, size)
-            out.append(block.chunk(heads // per_rank, dim=dim)[rank // sharing])
-    return torch.cat(out, dim=dim).contiguous()
-
-
-def unshard_tensor(pieces: list[torch.Tensor], dim: int | None, chunks: Chunks) -> torch.Tensor:
-    """Inverse of :func:`shard_tensor`: the full tensor from every rank's piece (in rank order)."""
-    if dim is None or len(pieces) == 1:
-        return pieces[0].clone()
-    size = len(pieces)
-    if isinstance(chunks, int):
-        per_rank = [p.chunk(chunks, dim=dim) for p in pieces]
-        return torch.cat([torch.cat([pr[c] for pr in per_rank], dim=dim) for c in range(chunks)], dim=dim)
-    unit_local = pieces[0].shape[dim] // sum(head_split(h, size)[0] for h in chunks)
-    out, at = [], 0
-    for heads in chunks:
-        per_rank, sharing = head_split(heads, size)
-        n = per_rank * unit_local
-        out.extend(pieces[r].narrow(dim, at, n) for r in range(0, size, sharing))
-        at += n
-    return torch.cat(out, dim=dim)
-
-
-def replicated_rows(local: int, chunks: Chunks, size: int) -> tuple[int, int]:
-    """For a local dimension of ``local`` rows under a head spec over ``size`` ranks: ``(leading rows that are
-    this rank's alone, ranks sharing each row after them)``; ``(local, 1)`` when nothing is replicated.
-    Replicated blocks come last (K/V after Q) and are shared by equally many ranks."""
-    if isinstance(chunks, int):
-        return local, 1
-    splits = [head_split(h, size) for h in chunks]
-    unit = local // sum(per_rank for per_rank, _ in splits)
-    first = next((i for i, (_, s) in enumerate(splits) if s > 1), len(splits))
-    sharing = {s for _, s in splits[first:]}
-    if len(sharing) > 1 or 1 in sharing:
-        raise GptparConfigError(f"head spec {chunks} over tp={size}: replicated blocks must come last, equally shared")
-    distinct = sum(per_rank for per_rank, _ in splits[:first]) * unit
-    return distinct, (sharing.pop() if sharing else 1)
-
+from gptpar.parallel import comm
+from gptpar.parallel.mesh import Group
+from gptpar.sharding import (  # noqa: F401  (re-exported: the spec helpers live below the layers)
+    Chunks,
+    full_length,
+    head_split,
+    local_length,
+    replicated_rows,
+    set_tp_spec,
+    shard_tensor,
+    tp_spec,
+    unshard_tensor,
+)
 
 _SKIP_INIT = False
 
@@ -422,7 +312,7 @@ def _gather_seq_async(x: torch.Tensor, group: Group, dim: int):
 
 class _SequenceParallelColumnLinear(torch.autograd.Function):
     """``act(linear(all_gather_seq(x), W, b))`` saving only the sequence shard ``x`` (1/tp of the input)
-    (and, with an activation, the pre-activation, as :func:`gptpar.parallel.wgrad.linear` does)."""
+    (and, with an activation, the pre-activation, as :func:`gptpar.ops.wgrad.linear` does)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, dim, activation):
@@ -547,37 +437,28 @@ class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, group, ignore_index, inplace=False):
-        import triton
-
-        from gptpar.kernels.cross_entropy import ce_stats_kernel
+        from gptpar.ops.cross_entropy import ce_row_stats
 
         logits = logits.contiguous()
-        n, local_v = logits.shape
-        start = group.rank * local_v
-        row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
-        sum_exp, target_logit = torch.empty_like(row_max), torch.empty_like(row_max)
-        block = min(triton.next_power_of_2(local_v), 4096)
-        ce_stats_kernel[(n,)](logits, target, row_max, sum_exp, target_logit, logits.stride(0), local_v, start,
-                              BLOCK=block)  # fmt: skip
+        start = group.rank * logits.shape[1]
+        row_max, sum_exp, target_logit = ce_row_stats(logits, target, start)
         global_max = comm.all_reduce(row_max.clone(), group, op=comm.ReduceOp.MAX)
         both = torch.stack([target_logit, sum_exp * torch.exp(row_max - global_max)])
         comm.all_reduce(both, group)
         valid = target != ignore_index
         loss = (both[1].log() + global_max - both[0]).masked_fill(~valid, 0.0)
         ctx.save_for_backward(logits, target, global_max, both[1], valid)
-        ctx.start, ctx.block, ctx.inplace = start, block, inplace
+        ctx.start, ctx.inplace = start, inplace
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        from gptpar.kernels.cross_entropy import ce_grad_kernel
+        from gptpar.ops.cross_entropy import ce_grad_
 
         logits, target, global_max, sum_exp, valid = ctx.saved_tensors
         grad = logits if ctx.inplace else logits.clone()  # the kernel overwrites it with the gradient
         d = (grad_loss * valid).float().contiguous()
-        ce_grad_kernel[(grad.shape[0],)](grad, target, global_max, sum_exp, d, grad.stride(0), grad.shape[1], ctx.start,
-                                         BLOCK=ctx.block)  # fmt: skip
-        return grad, None, None, None, None
+        return ce_grad_(grad, target, global_max, sum_exp, d, ctx.start), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(

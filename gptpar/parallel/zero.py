@@ -100,7 +100,7 @@ class ZeroAdamW:
         """Scale the gradient shards so the global norm is at most ``max_norm``; returns the norm before
         clipping. Each parameter counts once, as in :func:`gptpar.precision.global_grad_norm` (the dp slices
         are disjoint, so their squares add over dp as well)."""
-        from gptpar.precision import norm_span
+        from gptpar.parallel.grad_norm import norm_span
 
         sq = torch.zeros((), dtype=torch.float32, device=state.device)
         shards = self.grad_shards()

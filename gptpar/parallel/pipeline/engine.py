@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from gptpar.errors import GptparConfigError
+from gptpar.ops.wgrad import defer_weight_grads
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import ParallelState
 from gptpar.parallel.pipeline.p2p import StageP2P
 from gptpar.parallel.pipeline.schedules import Action, build
 from gptpar.parallel.pipeline.stage import check_stage
-from gptpar.parallel.wgrad import defer_weight_grads
 
 
 @dataclass

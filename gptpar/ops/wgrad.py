@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from gptpar.ops.mlp import act_backward, linear_act_forward
+from gptpar.ops.mlp import act_backward, check_activation, linear_act_forward
 
 _queue: list[Callable[[], None]] | None = None
 
@@ -123,3 +123,9 @@ def linear(
             return torch.nn.functional.linear(x, weight, bias)
         return linear_act_forward(x, weight, bias, activation)[0]
     return _Linear.apply(x, weight, bias, activation)
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu"):
+    """``act(x @ W^T + b)``, differentiable; see module docstring."""
+    check_activation(activation)
+    return linear(x, weight, bias, activation)
