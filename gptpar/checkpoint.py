@@ -33,8 +33,9 @@ import torch
 from gptpar.errors import GptparConfigError, GptparError
 from gptpar.parallel.mesh import ParallelState
 from gptpar.sharding import shard_tensor, tp_spec, unshard_tensor
+from gptpar.testing import CRASH_IN_SAVE, fault_point
 
-CRASH_ENV = "GPTPAR_TEST_CRASH_IN_SAVE"  # tests only: die after writing this rank's file, before the rename
+CRASH_ENV = CRASH_IN_SAVE  # tests: die after writing this rank's file, before the rename (gptpar.testing)
 
 
 def _root(out: str) -> str:
@@ -134,8 +135,7 @@ def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dic
         f.write(_sha256(path + ".part"))
     os.replace(path + ".sha256.part", path + ".sha256")
     os.replace(path + ".part", path)
-    if os.environ.get(CRASH_ENV) == str(step) and state.rank == state.world_size - 1:
-        os._exit(17)  # simulated crash mid-save (tests)
+    fault_point(step, state.rank, state.world_size, out, where="save")
     _barrier(state)
     if state.rank == 0:
         full_meta = {**meta, "step": step, "world_size": state.world_size,

@@ -87,32 +87,18 @@ def stage_units(config: GPTConfig, pp: int, rank: int, v: int = 1) -> list[tuple
 
 
 def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int:
-    """Parameters on one tp rank holding ``units`` — the same sharding rules as ParallelGPT."""
-    h, f, V, L = config.d_model, config.ffn_hidden, config.padded_vocab, config.n_layer
-    bias = 1 if config.bias else 0
-    norm = h * (2 if (config.norm == "layernorm" and config.bias) else 1)
-    fc_out = 2 * f if config.activation == "swiglu" else f
-    qkv = local_length(config.q_size + 2 * config.kv_size, config.qkv_chunks, tp)  # K/V heads replicated if tp > them
-    block = (
-        2 * norm
-        + qkv * h + (qkv if config.qkv_bias else 0)  # qkv, column
-        + (2 * config.head_dim if config.qk_norm else 0)
-        + (config.q_size * h) // tp
-        + h * bias  # attn proj, row (bias replicated)
-        + (fc_out * h + fc_out * bias) // tp  # fc, column
-        + (f * h) // tp
-        + h * bias  # mlp proj, row
-    )
+    """Parameters on one tp rank holding ``units`` (:meth:`GPTConfig.unit_params`, ParallelGPT's sharding)."""
+    u, L = config.unit_params(tp), config.n_layer
+    has_embedding = any(a == 0 for a, _ in units)
     total = 0
     for a, b in units:
-        for u in range(a, b):
-            if u == 0:
-                total += V * h // tp + (config.seq_len * h if config.position == "learned" else 0)
-            elif u == L + 1:
-                has_embedding = any(x == 0 for x, _ in units)
-                total += norm + (0 if (config.tie_embeddings and has_embedding) else V * h // tp)
+        for i in range(a, b):
+            if i == 0:
+                total += u["embedding"]
+            elif i == L + 1:
+                total += u["norm"] + (0 if (config.tie_embeddings and has_embedding) else u["head"])
             else:
-                total += block
+                total += u["block"]
     return total
 
 

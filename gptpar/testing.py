@@ -30,11 +30,17 @@ FAILURE_GRACE_S = 3.0
 
 KILL_AT_STEP = "GPTPAR_TEST_KILL_AT_STEP"  # a worker (rank 1) exits once at this step
 STOP_AT_STEP = "GPTPAR_TEST_STOP_AT_STEP"  # rank 1 stops itself (SIGSTOP) at this step: a hung peer
+CRASH_IN_SAVE = "GPTPAR_TEST_CRASH_IN_SAVE"  # the last rank dies mid-save of this step's checkpoint
 
 
-def fault_point(step: int, rank: int, world_size: int, out: str) -> None:
-    """The one place the training loop injects faults, for tests only: driven by the environment variables
-    above, a no-op without them."""
+def fault_point(step: int, rank: int, world_size: int, out: str, where: str = "step") -> None:
+    """The one place faults are injected, for tests only: driven by the environment variables above, a
+    no-op without them. ``where``: ``"step"`` (the top of a training step) or ``"save"`` (a checkpoint's
+    rank file written, before the checkpoint is complete)."""
+    if where == "save":
+        if os.environ.get(CRASH_IN_SAVE) == str(step) and rank == world_size - 1:
+            os._exit(17)  # a crash mid-save
+        return
     if os.environ.get(KILL_AT_STEP) == str(step) and rank == min(1, world_size - 1):
         marker = os.path.join(out, ".killed-once")
         if not os.path.exists(marker):

@@ -145,18 +145,33 @@ class GPTConfig:
             raise GptparConfigError(f"unknown GPTConfig field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**d)
 
-    def num_params(self) -> int:
-        """Parameter count of the (unsharded) model, tied embeddings counted once, padded vocabulary rows in."""
-        h, f, v, L = self.d_model, self.ffn_hidden, self.padded_vocab, self.n_layer
+    def unit_params(self, tp: int = 1) -> dict[str, int]:
+        """The one parameter count: parameters one tp rank holds of each unit, under ParallelGPT's sharding
+        (K/V heads replicated when tp exceeds them; norms and row-linear biases replicated):
+        ``embedding`` (token table, padded vocabulary, plus learned positions), ``block`` (each of the
+        ``n_layer``), ``norm`` (the final one) and ``head`` (the LM head matrix, counted even when tied)."""
+        from gptpar.sharding import local_length
+
+        h, f, v = self.d_model, self.ffn_hidden, self.padded_vocab
         b = 1 if self.bias else 0
         norm = h * (2 if (self.norm == "layernorm" and self.bias) else 1)
         fc_out = 2 * f if self.activation == "swiglu" else f
-        qkv = self.q_size + 2 * self.kv_size
-        attn = qkv * h + (qkv if self.qkv_bias else 0) + self.q_size * h + h * b + (2 * self.head_dim if self.qk_norm else 0)
-        per_layer = 2 * norm + attn + (fc_out * h + fc_out * b) + (f * h + h * b)
-        head = 0 if self.tie_embeddings else v * h
+        qkv = local_length(self.q_size + 2 * self.kv_size, self.qkv_chunks, tp)
+        block = (
+            2 * norm
+            + qkv * h + (qkv if self.qkv_bias else 0)  # q|k|v, column
+            + (2 * self.head_dim if self.qk_norm else 0)
+            + (self.q_size * h) // tp + h * b  # attention projection, row (bias replicated)
+            + (fc_out * h + fc_out * b) // tp  # fc (gate|up), column
+            + (f * h) // tp + h * b  # MLP projection, row
+        )  # fmt: skip
         wpe = self.seq_len * h if self.position == "learned" else 0
-        return v * h + wpe + L * per_layer + norm + head
+        return {"embedding": v * h // tp + wpe, "block": block, "norm": norm, "head": v * h // tp}
+
+    def num_params(self) -> int:
+        """Parameter count of the (unsharded) model, tied embeddings counted once, padded vocabulary rows in."""
+        u = self.unit_params()
+        return u["embedding"] + self.n_layer * u["block"] + u["norm"] + (0 if self.tie_embeddings else u["head"])
 
 
 PRESETS: dict[str, dict] = {

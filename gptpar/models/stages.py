@@ -28,12 +28,9 @@ def unit_names(config: GPTConfig) -> list[str]:
 def unit_costs(config: GPTConfig, model: str = "params", seq_len: int | None = None) -> list[float]:
     h, f, v, L = config.d_model, config.ffn_hidden, config.padded_vocab, config.n_layer
     s = seq_len or config.seq_len
-    wpe = config.seq_len * h if config.position == "learned" else 0
     if model == "params":
-        block = config.num_params() - v * h - wpe - (0 if config.tie_embeddings else v * h)
-        norm = h * (2 if (config.norm == "layernorm" and config.bias) else 1)
-        per_block = (block - norm) / L
-        return [v * h + wpe] + [per_block] * L + [norm + v * h]
+        u = config.unit_params()
+        return [u["embedding"]] + [u["block"]] * L + [u["norm"] + u["head"]]
     if model == "flops":  # forward matmul FLOPs per token (x3 for fwd+bwd cancels in the split)
         fc = 2 * f if config.activation == "swiglu" else f
         qkv = config.q_size + 2 * config.kv_size
