@@ -33,7 +33,8 @@ demo: install
 bench: install
 	$(PY) -m pytest -q bench/bench_*.py --benchmark-only -p no:cacheprovider
 	$(PY) bench/ops_bandwidth.py
-	$(PY) bench/side_by_side.py
+	$(PY) bench/tensor_parallel.py
+	$(PY) bench/zero.py
 	$(PY) bench/data_parallel.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/context_parallel.py

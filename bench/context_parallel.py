@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from common import timed_interleaved
 
 from gptpar import ParallelLayout, init_parallel
 from gptpar.parallel import comm
@@ -39,21 +40,18 @@ def _rank_run(cp, sharding, impl, seq, heads, hd, reps, kv_heads=None):
     q = torch.randn(1, heads, local, hd, generator=gen).requires_grad_()
     k, v = (torch.randn(1, kv_heads or heads, local, hd, generator=gen).requires_grad_() for _ in range(2))
     dout = torch.randn(1, heads, local, hd, generator=gen)
-    times, traffic = [], {}
-    for rep in range(reps + 1):
-        comm.all_reduce(torch.zeros(1), g)  # start together
-        with comm.count_traffic() as t:
-            t0 = time.perf_counter()
-            if impl == "ring":
-                out = ring_attention(q, k, v, g, shards, causal=True)[0]
-            else:
-                out = ulysses_attention(q, k, v, g, shards, causal=True)
-            out.backward(dout)
-            dt = time.perf_counter() - t0
-        if rep:  # the first is warm-up
-            times.append(dt)
-            traffic = dict(t)
+
+    def step():
+        if impl == "ring":
+            out = ring_attention(q, k, v, g, shards, causal=True)[0]
+        else:
+            out = ulysses_attention(q, k, v, g, shards, causal=True)
+        out.backward(dout)
         q.grad = k.grad = v.grad = None
+
+    with comm.count_traffic() as traffic:
+        step()
+    times = timed_interleaved({"step": step}, reps, barrier=lambda: comm.all_reduce(torch.zeros(1), g))["step"]
     return {"time_s": statistics.median(times), "bytes": sum(traffic.values()), "work": attention_work(shards, g.rank)}
 
 
@@ -69,39 +67,59 @@ def main() -> None:
     # fp32 K and V of one rank with kv K/V heads
     kv_block = lambda cp, kv=a.heads: 2 * kv * (a.seq // cp) * a.head_dim * 4  # noqa: E731
     rows = []
-    cases = [(cp, impl, sharding, a.heads) for cp in (1, 2, 4)
-             for impl, sharding in (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "contiguous"))
-             if cp > 1 or (impl, sharding) == ("ring", "contiguous")]  # fmt: skip
-    cases += [(cp, impl, "zigzag" if impl == "ring" else "contiguous", a.kv_heads) for cp in (2, 4)
-              for impl in ("ring", "ulysses")]  # fmt: skip
+    cases = [
+        (cp, impl, sharding, a.heads)
+        for cp in (1, 2, 4)
+        for impl, sharding in (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "contiguous"))
+        if cp > 1 or (impl, sharding) == ("ring", "contiguous")
+    ]
+    cases += [
+        (cp, impl, "zigzag" if impl == "ring" else "contiguous", a.kv_heads)
+        for cp in (2, 4)
+        for impl in ("ring", "ulysses")
+    ]
     for cp, impl, sharding, kv in cases:
-        res = run_distributed(_rank_run, cp, cp, sharding, impl, a.seq, a.heads, a.head_dim, a.reps, kv,
-                              timeout=1200)  # fmt: skip
+        res = run_distributed(_rank_run, cp, cp, sharding, impl, a.seq, a.heads, a.head_dim, a.reps, kv, timeout=1200)
         t = [r["time_s"] for r in res]
         w = [r["work"] for r in res]
         # ring: (cp-1) K/V blocks forward, (cp-1) K/V + (cp-1) fp32 dK/dV backward; Ulysses: 4 all-to-alls
         # each way (q, k, v, out), each sending (cp-1)/cp of a rank's [h, s/cp, d] tensor.
         # (Ulysses with fewer K/V heads than cp repeats them to one per rank first.)
         kv_sent = max(kv, cp) if impl == "ulysses" and kv % cp else kv
-        ideal = (3 * (cp - 1) * kv_block(cp, kv) if impl == "ring"
-                 else 2 * (cp - 1) / cp * (kv_block(cp) + kv_block(cp, kv_sent)))  # fmt: skip
-        rows.append({
-            "cp": cp, "impl": impl, "sharding": sharding, "kv_heads": kv,
-            "time_max_s": max(t), "time_mean_s": statistics.mean(t),
-            # Ulysses gives every rank the whole sequence for h/cp heads: balanced by construction.
-            "work_imbalance": max(w) / statistics.mean(w) if impl == "ring" else 1.0,
-            "bytes_per_rank": max(r["bytes"] for r in res),
-            "ideal_bytes_per_rank": ideal,
-        })  # fmt: skip
+        ideal = (
+            3 * (cp - 1) * kv_block(cp, kv)
+            if impl == "ring"
+            else 2 * (cp - 1) / cp * (kv_block(cp) + kv_block(cp, kv_sent))
+        )
+        rows.append(
+            {
+                "cp": cp,
+                "impl": impl,
+                "sharding": sharding,
+                "kv_heads": kv,
+                "time_max_s": max(t),
+                "time_mean_s": statistics.mean(t),
+                # Ulysses gives every rank the whole sequence for h/cp heads: balanced by construction.
+                "work_imbalance": max(w) / statistics.mean(w) if impl == "ring" else 1.0,
+                "bytes_per_rank": max(r["bytes"] for r in res),
+                "ideal_bytes_per_rank": ideal,
+            }
+        )
     base = rows[0]["time_max_s"]
-    print(f"ring/Ulysses attention fwd+bwd, causal, seq={a.seq}, heads={a.heads}, head_dim={a.head_dim}, fp32, "
-          f"CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print(f"{'cp':>3s} {'impl':8s} {'sharding':10s} {'kv':>3s} {'slowest rank s':>14s} {'vs cp=1':>8s} "
-          f"{'work max/mean':>13s} {'MB sent/rank':>13s} {'ideal MB':>9s}")  # fmt: skip
+    print(
+        f"ring/Ulysses attention fwd+bwd, causal, seq={a.seq}, heads={a.heads}, head_dim={a.head_dim}, fp32, "
+        f"CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"{'cp':>3s} {'impl':8s} {'sharding':10s} {'kv':>3s} {'slowest rank s':>14s} {'vs cp=1':>8s} "
+        f"{'work max/mean':>13s} {'MB sent/rank':>13s} {'ideal MB':>9s}"
+    )
     for r in rows:
-        print(f"{r['cp']:3d} {r['impl']:8s} {r['sharding']:10s} {r['kv_heads']:3d} {r['time_max_s']:14.3f} "
-              f"{base / r['time_max_s']:7.2f}x "
-              f"{r['work_imbalance']:13.2f} {r['bytes_per_rank'] / 1e6:13.2f} {r['ideal_bytes_per_rank'] / 1e6:9.2f}")  # fmt: skip
+        print(
+            f"{r['cp']:3d} {r['impl']:8s} {r['sharding']:10s} {r['kv_heads']:3d} {r['time_max_s']:14.3f} "
+            f"{base / r['time_max_s']:7.2f}x "
+            f"{r['work_imbalance']:13.2f} {r['bytes_per_rank'] / 1e6:13.2f} {r['ideal_bytes_per_rank'] / 1e6:9.2f}"
+        )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"args": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=1)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 from common import peak_memory_of
+from common import timed as common_timed
 
 from gptpar import GPT, GPTConfig, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.parallel import comm
@@ -33,14 +33,7 @@ def _rank(config, dp, batch, reps):
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len), generator=g)
 
     def timed(fn):
-        ts = []
-        for rep in range(reps + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            if rep:
-                ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return common_timed(fn, reps, barrier=dist.barrier)
 
     out = {}
     for name, dtype in (
@@ -134,10 +127,14 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_parallel_cpu.json"))
     a = ap.parse_args()
     config = GPTConfig(vocab_size=4096, seq_len=128, n_layer=a.layers, n_head=8, d_model=a.d_model)
-    print(f"data parallel, GPT {config.num_params() / 1e6:.1f}M params, batch {a.batch} x {config.seq_len} per rank, "
-          f"CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print(f"{'dp':>3} {'reduction':22s} {'step s':>8s} {'tok/s':>7s} {'vs DDP fp32':>11s} {'MB/rank':>8s} "
-          f"{'MB sent/rank':>13s} {'reduce hidden':>13s}")  # fmt: skip
+    print(
+        f"data parallel, GPT {config.num_params() / 1e6:.1f}M params, batch {a.batch} x {config.seq_len} per rank, "
+        f"CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"{'dp':>3} {'reduction':22s} {'step s':>8s} {'tok/s':>7s} {'vs DDP fp32':>11s} {'MB/rank':>8s} "
+        f"{'MB sent/rank':>13s} {'reduce hidden':>13s}"
+    )
     rows = []
     for dp in a.dp:
         res = run_distributed(_rank, dp, config, dp, a.batch, a.reps, timeout=1800)
@@ -147,11 +144,22 @@ def main() -> None:
             h = res[0][name]["hidden_fraction"]
             mem = max(run_distributed(_peak, dp, config, dp, a.batch, name, fresh=True, timeout=600))
             tok = dp * a.batch * config.seq_len / t
-            rows.append({"dp": dp, "name": name, "time_s": t, "tokens_per_s": tok, "peak_bytes": mem,
-                         "bytes": res[0][name]["bytes"], "hidden_fraction": h})  # fmt: skip
+            rows.append(
+                {
+                    "dp": dp,
+                    "name": name,
+                    "time_s": t,
+                    "tokens_per_s": tok,
+                    "peak_bytes": mem,
+                    "bytes": res[0][name]["bytes"],
+                    "hidden_fraction": h,
+                }
+            )
             htxt = f"{h:13.2f}" if h is not None else f"{'-':>13s}"
-            print(f"{dp:3d} {name:22s} {t:8.3f} {tok:7.0f} {base / t:10.2f}x {mem / 1e6:8.1f} "
-                  f"{res[0][name]['bytes'] / 1e6:13.2f} {htxt}")  # fmt: skip
+            print(
+                f"{dp:3d} {name:22s} {t:8.3f} {tok:7.0f} {base / t:10.2f}x {mem / 1e6:8.1f} "
+                f"{res[0][name]['bytes'] / 1e6:13.2f} {htxt}"
+            )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"args": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=1)

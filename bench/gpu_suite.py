@@ -25,12 +25,12 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from common import timed
 
 from gptpar.ops.attention import attention
 from gptpar.ops.norm import layer_norm, rms_norm
@@ -38,26 +38,8 @@ from gptpar.ops.wgrad import linear_act
 
 
 def timeit(fn, device: str, reps: int) -> float:
-    """Median seconds per call after warm-up (CUDA: events around each call)."""
-    for _ in range(2):
-        fn()
-    if device != "cuda":
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        ts.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(ts)
+    """Median seconds per call after warm-up (CUDA: events around each call): bench/common.py's timer."""
+    return timed(fn, reps, warmup=2, device=device)
 
 
 def maxdiff(a, b) -> float:
@@ -105,8 +87,11 @@ class Suite:
                 do = self.rand(b, h, s, d)
                 for causal in causals:
                     flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-                    case = f"hd{d} s{s} b{b} h{h}" + (f"/kv{h // group}" if group > 1 else "") + (
-                        " causal" if causal else " full")  # fmt: skip
+                    case = (
+                        f"hd{d} s{s} b{b} h{h}"
+                        + (f"/kv{h // group}" if group > 1 else "")
+                        + (" causal" if causal else " full")
+                    )
 
                     def sdpa(q=q, k=k, v=v, causal=causal):
                         with sdpa_kernel(backends):
@@ -117,16 +102,26 @@ class Suite:
 
                     with torch.no_grad():
                         ref, got = sdpa(), ours()
-                        base = self.row("attention", case + " fwd", "sdpa", timeit(sdpa, self.device, self.reps),
-                                        flops, "TFLOP/s")  # fmt: skip
-                        self.row("attention", case + " fwd", "gptpar", timeit(ours, self.device, self.reps), flops,
-                                 "TFLOP/s", maxdiff(got, ref), base)  # fmt: skip
+                        base = self.row(
+                            "attention", case + " fwd", "sdpa", timeit(sdpa, self.device, self.reps), flops, "TFLOP/s"
+                        )
+                        self.row(
+                            "attention",
+                            case + " fwd",
+                            "gptpar",
+                            timeit(ours, self.device, self.reps),
+                            flops,
+                            "TFLOP/s",
+                            maxdiff(got, ref),
+                            base,
+                        )
 
                     def fwd_bwd(fn, q=q, k=k, v=v, do=do):
                         return torch.autograd.grad(fn(), (q, k, v), do)
 
-                    diff = maxdiff(torch.cat([g.flatten() for g in fwd_bwd(ours)]),
-                                   torch.cat([g.flatten() for g in fwd_bwd(sdpa)]))  # fmt: skip
+                    diff = maxdiff(
+                        torch.cat([g.flatten() for g in fwd_bwd(ours)]), torch.cat([g.flatten() for g in fwd_bwd(sdpa)])
+                    )
                     secs = timeit(lambda: fwd_bwd(sdpa), self.device, self.reps)  # noqa: B023 (called here)
                     base = self.row("attention", case + " fwd+bwd", "sdpa", secs, 3.5 * flops, "TFLOP/s")
                     secs = timeit(lambda: fwd_bwd(ours), self.device, self.reps)  # noqa: B023
@@ -197,8 +192,9 @@ class Suite:
                         secs = timeit(fn, self.device, self.reps)
                     diff = maxdiff(outs[i], outs[0]) if i else None
                 else:
-                    secs = timeit(lambda fn=fn: torch.autograd.grad(fn(), params, dy, allow_unused=True), self.device,
-                                  self.reps)  # fmt: skip
+                    secs = timeit(
+                        lambda fn=fn: torch.autograd.grad(fn(), params, dy, allow_unused=True), self.device, self.reps
+                    )
                     diff = maxdiff(grads[i], grads[0]) if i else None
                 r = self.row(section, f"{case} {phase}", impl, secs, w, unit, diff, base)
                 base = base or r
@@ -232,9 +228,12 @@ def main() -> None:
     torch.manual_seed(0)
     # Llama 3 8B's attention: 32 query heads, 8 K/V heads, head dim 128 (smoke: 2 heads sharing 1)
     gqa = ([max(seqs)], [32], tokens, 64, 2) if args.smoke else ([2048, 8192], [128], tokens, 4096, 4)
-    for section, run in (("attention", lambda: suite.attention(seqs, dims, tokens, width)),
-                         ("attention-gqa", lambda: suite.attention(*gqa, causals=(True,))),
-                         ("mlp", lambda: suite.mlp(*mlp_shape)), ("norms", lambda: suite.norms(*norm_shape))):  # fmt: skip
+    for section, run in (
+        ("attention", lambda: suite.attention(seqs, dims, tokens, width)),
+        ("attention-gqa", lambda: suite.attention(*gqa, causals=(True,))),
+        ("mlp", lambda: suite.mlp(*mlp_shape)),
+        ("norms", lambda: suite.norms(*norm_shape)),
+    ):
         t0 = time.perf_counter()
         run()
         print(f"({section}: {time.perf_counter() - t0:.0f} s including compilation and autotuning)")

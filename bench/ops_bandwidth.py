@@ -12,10 +12,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
+from common import timed
 
 import gptpar._native as native
 from gptpar.ops import (
@@ -31,18 +31,8 @@ from gptpar.ops import (
 
 
 def timeit(fn, device: str, reps: int = 30) -> float:
-    """Median seconds per call after warm-up."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds per call after three warm-up calls: bench/common.py's timer."""
+    return timed(fn, reps, warmup=3, device=device)
 
 
 def main() -> None:

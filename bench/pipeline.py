@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from common import peak_memory_of
+from common import peak_memory_of, timed_interleaved
 from torch import nn
 
 from gptpar import GPT, GPTConfig, ParallelLayout, init_parallel
@@ -76,8 +76,12 @@ def _build(impl, name, v, config, batch, p, record=False):
 
     part = partition(config, p, v)
     ref = GPT(config)
-    stages = [PipelineStage(_TorchStage(ref, *part.units(st.pp.rank, c)), c * p + st.pp.rank, p * v,
-                            torch.device("cpu"), group=st.pp.pg) for c in range(v)]  # fmt: skip
+    stages = [
+        PipelineStage(
+            _TorchStage(ref, *part.units(st.pp.rank, c)), c * p + st.pp.rank, p * v, torch.device("cpu"), group=st.pp.pg
+        )
+        for c in range(v)
+    ]
 
     def loss_fn(logits, target):
         return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
@@ -101,16 +105,9 @@ def _rank(config, batch, reps, p):
     for name, v in SCHEDULES:
         ours = _build("gptpar", name, v, config, batch, p, record=True)
         theirs = _build("torch", name, v, config, batch, p) if name != "zb-h1" else None
-        times, torch_times = [], []
-        for rep in range(reps + 1):  # alternate gptpar and torch; the first round is warm-up
-            for impl, fn in (("ours", ours), ("torch", theirs)):
-                if fn is None:
-                    continue
-                torch.distributed.barrier(st.pp.pg)
-                t0 = time.perf_counter()
-                fn()
-                if rep:
-                    (times if impl == "ours" else torch_times).append(time.perf_counter() - t0)
+        fns = {"ours": ours} if theirs is None else {"ours": ours, "torch": theirs}  # alternated, warm-up first
+        runs = timed_interleaved(fns, reps, barrier=lambda: torch.distributed.barrier(st.pp.pg))
+        times, torch_times = runs["ours"], runs.get("torch", [])
         stats = ours.engine.last_stats
         busy = sum(t1 - t0 for kind, _, _, t0, t1 in stats.events if kind != "wait")
         out[name] = {
@@ -140,10 +137,14 @@ def main() -> None:
     config = GPTConfig(vocab_size=1024, seq_len=a.seq, n_layer=a.layers, n_head=8, d_model=a.d_model)
     tokens = a.batch * a.seq
     rows = []
-    print(f"pipeline m={M}, GPT {config.num_params() / 1e6:.1f}M params ({a.layers} layers, d={a.d_model}, "
-          f"seq={a.seq}, batch={a.batch}), fp32, CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print(f"{'p':>2} {'schedule':15s} {'gptpar s':>9s} {'tok/s':>7s} {'MB/rank':>8s} {'torch s':>8s} {'tok/s':>7s} "
-          f"{'MB/rank':>8s} {'torch/gptpar':>12s} {'bubble sim':>10s} {'meas':>6s} {'comm hidden':>11s}")  # fmt: skip
+    print(
+        f"pipeline m={M}, GPT {config.num_params() / 1e6:.1f}M params ({a.layers} layers, d={a.d_model}, "
+        f"seq={a.seq}, batch={a.batch}), fp32, CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"{'p':>2} {'schedule':15s} {'gptpar s':>9s} {'tok/s':>7s} {'MB/rank':>8s} {'torch s':>8s} {'tok/s':>7s} "
+        f"{'MB/rank':>8s} {'torch/gptpar':>12s} {'bubble sim':>10s} {'meas':>6s} {'comm hidden':>11s}"
+    )
     for p in (2, 4):
         res = run_distributed(_rank, p, config, a.batch, a.reps, p, timeout=1800)
         for name, v in SCHEDULES:
@@ -159,16 +160,30 @@ def main() -> None:
             sim = simulate(build(name, p, M, v), v).bubble_fraction
             meas = 1 - statistics.mean(r[name]["busy_fraction"] for r in res)
             hidden = statistics.mean(r[name]["hidden_comm_fraction"] for r in res)
-            rows.append({"pp": p, "schedule": name, "v": v, "time_s": t, "tokens_per_s": tokens / t, "peak_bytes": mem,
-                         "torch_time_s": tt, "torch_peak_bytes": tmem, "bubble_simulated": sim,
-                         "bubble_measured": meas, "hidden_comm_fraction": hidden})  # fmt: skip
+            rows.append(
+                {
+                    "pp": p,
+                    "schedule": name,
+                    "v": v,
+                    "time_s": t,
+                    "tokens_per_s": tokens / t,
+                    "peak_bytes": mem,
+                    "torch_time_s": tt,
+                    "torch_peak_bytes": tmem,
+                    "bubble_simulated": sim,
+                    "bubble_measured": meas,
+                    "hidden_comm_fraction": hidden,
+                }
+            )
             torch_cols = (
                 f"{tt:8.3f} {tokens / tt:7.0f} {tmem / 1e6:8.1f} {tt / t:12.2f}"
                 if tt
                 else f"{'-':>8s} {'-':>7s} {'-':>8s} {'-':>12s}"
             )
-            print(f"{p:2d} {name + (f' v={v}' if v > 1 else ''):15s} {t:9.3f} {tokens / t:7.0f} {mem / 1e6:8.1f} "
-                  f"{torch_cols} {sim:10.3f} {meas:6.3f} {hidden:11.3f}")  # fmt: skip
+            print(
+                f"{p:2d} {name + (f' v={v}' if v > 1 else ''):15s} {t:9.3f} {tokens / t:7.0f} {mem / 1e6:8.1f} "
+                f"{torch_cols} {sim:10.3f} {meas:6.3f} {hidden:11.3f}"
+            )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"args": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=1)

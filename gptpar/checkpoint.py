@@ -116,8 +116,10 @@ def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dic
         for n, p in chunk.named_parameters(remove_duplicate=False):
             params[n] = p.detach().cpu().clone()
             specs[n] = list(tp_spec(p))
-    rng = {"torch": torch.get_rng_state(),  # tp-local dropout streams too: resume with dropout is bitwise
-           "tp_local": [c.rng.state_dict() if getattr(c, "rng", None) is not None else None for c in chunks]}
+    rng = {
+        "torch": torch.get_rng_state(),  # tp-local dropout streams too: resume with dropout is bitwise
+        "tp_local": [c.rng.state_dict() if getattr(c, "rng", None) is not None else None for c in chunks],
+    }
     if torch.cuda.is_available() and state.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(state.device)
     blob = {
@@ -138,8 +140,12 @@ def save(out: str, step: int, chunks, optimizer, state: ParallelState, meta: dic
     fault_point(step, state.rank, state.world_size, out, where="save")
     _barrier(state)
     if state.rank == 0:
-        full_meta = {**meta, "step": step, "world_size": state.world_size,
-                     "layout": {"tp": state.layout.tp, "pp": state.layout.pp, "dp": state.layout.dp, "cp": state.layout.cp}}  # fmt: skip
+        full_meta = {
+            **meta,
+            "step": step,
+            "world_size": state.world_size,
+            "layout": {"tp": state.layout.tp, "pp": state.layout.pp, "dp": state.layout.dp, "cp": state.layout.cp},
+        }
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(full_meta, f, indent=1)
         if os.path.exists(final):
@@ -213,8 +219,12 @@ def _full_optimizer_state(folder: str, meta: dict) -> tuple[dict[str, dict[str, 
     for n, pieces in by_tp.items():
         dim, chunks = specs[n]
         keys = pieces[min(pieces)].keys()
-        full[n] = {k: unshard_tensor([pieces[t][k] for t in sorted(pieces)], dim, chunks) if dim is not None
-                   else pieces[min(pieces)][k].clone() for k in keys}  # fmt: skip
+        full[n] = {
+            k: unshard_tensor([pieces[t][k] for t in sorted(pieces)], dim, chunks)
+            if dim is not None
+            else pieces[min(pieces)][k].clone()
+            for k in keys
+        }
     return full, step
 
 
@@ -230,12 +240,17 @@ def load_optimizer_resharded(folder: str, meta: dict, optimizer, chunks, state: 
             if n not in full:
                 raise GptparConfigError(f"checkpoint {folder!r} has no optimizer state for {n!r}")
             dim, ch = tp_spec(p)
-            local[p] = {k: shard_tensor(v, dim, ch, state.tp.size, state.tp.rank).to(p.device) for k, v in full[n].items()}
+            local[p] = {
+                k: shard_tensor(v, dim, ch, state.tp.size, state.tp.rank).to(p.device) for k, v in full[n].items()
+            }
     if isinstance(optimizer, ZeroAdamW):
         optimizer.load_param_state(lambda p: local[p], step)
         return
     for p, st in local.items():
-        optimizer.state[p] = {"step": torch.tensor(float(step)), **{k: st[k].to(p.dtype).contiguous() for k in ADAM_KEYS}}
+        optimizer.state[p] = {
+            "step": torch.tensor(float(step)),
+            **{k: st[k].to(p.dtype).contiguous() for k in ADAM_KEYS},
+        }
 
 
 def read_meta(folder: str) -> dict:
@@ -309,8 +324,11 @@ def check_config(meta: dict, config_dict: dict, folder: str) -> None:
     # a field newer than the checkpoint reads as its default (what the checkpoint's model had)
     defaults = {f.name: f.default for f in fields(GPTConfig)}
     saved = meta.get("model", {})
-    diffs = [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs now {v!r}" for k, v in config_dict.items()
-             if saved.get(k, defaults.get(k)) != v]  # fmt: skip
+    diffs = [
+        f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs now {v!r}"
+        for k, v in config_dict.items()
+        if saved.get(k, defaults.get(k)) != v
+    ]
     if diffs:
         raise GptparConfigError(f"checkpoint {folder!r} was saved for a different model ({'; '.join(diffs)})")
 
@@ -372,6 +390,13 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: torch.dtype | None = None, 
     dtype = dtype or (source_dtype(hf["config"]) if hf.get("config") else torch.float32)
     arch = architecture_of(config)
     names = list(hf_shapes(config, arch))
-    write_hf_dir(out, config, iter_full_tensors(ckpt, names), dtype=dtype, base_config=hf.get("config"),
-                 tokenizer_dir=meta.get("tokenizer_dir"), **kw)  # fmt: skip
+    write_hf_dir(
+        out,
+        config,
+        iter_full_tensors(ckpt, names),
+        dtype=dtype,
+        base_config=hf.get("config"),
+        tokenizer_dir=meta.get("tokenizer_dir"),
+        **kw,
+    )
     return out

@@ -6,8 +6,24 @@ from __future__ import annotations
 
 import sys
 
-DEFAULTS = ["--nproc", "4", "--tp", "2", "--pp", "2", "--model", "tiny", "--steps", "300", "--batch-size", "16",
-            "--eval-every", "50", "--out", "runs/demo"]  # fmt: skip
+DEFAULTS = [
+    "--nproc",
+    "4",
+    "--tp",
+    "2",
+    "--pp",
+    "2",
+    "--model",
+    "tiny",
+    "--steps",
+    "300",
+    "--batch-size",
+    "16",
+    "--eval-every",
+    "50",
+    "--out",
+    "runs/demo",
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -164,10 +164,20 @@ class Colwise:
             w = _pad_rows(w, fout)
             b = _pad_rows(b, fout) if b is not None else None
         with skip_init():
-            new = ColumnParallelLinear(fin, fout, b is not None, group=tp, gather_output=self.gather_output,
-                                       chunks=chunks, sequence_parallel=self.sequence_parallel, seq_dim=self.seq_dim,
-                                       shared_group=shared, reduce_input_grad=not self.input_shared,
-                                       device=w.device, dtype=w.dtype)  # fmt: skip
+            new = ColumnParallelLinear(
+                fin,
+                fout,
+                b is not None,
+                group=tp,
+                gather_output=self.gather_output,
+                chunks=chunks,
+                sequence_parallel=self.sequence_parallel,
+                seq_dim=self.seq_dim,
+                shared_group=shared,
+                reduce_input_grad=not self.input_shared,
+                device=w.device,
+                dtype=w.dtype,
+            )
         load_full_(new.weight, w, tp)
         _layout(new.weight, conv1d, rows)
         if b is not None:
@@ -188,8 +198,16 @@ class Rowwise:
     def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
         w, b, fin, fout = _linear_params(m, name)
         with skip_init():
-            new = RowParallelLinear(fin, fout, b is not None, group=state.tp, sequence_parallel=self.sequence_parallel,
-                                    seq_dim=self.seq_dim, device=w.device, dtype=w.dtype)  # fmt: skip
+            new = RowParallelLinear(
+                fin,
+                fout,
+                b is not None,
+                group=state.tp,
+                sequence_parallel=self.sequence_parallel,
+                seq_dim=self.seq_dim,
+                device=w.device,
+                dtype=w.dtype,
+            )
         load_full_(new.weight, w, state.tp)
         _layout(new.weight, _is_conv1d(m), None)
         if b is not None:
@@ -217,8 +235,14 @@ class VocabEmbedding:
         rows = m.num_embeddings
         padded = _round_up(rows, tp.size)
         with skip_init():
-            new = VocabParallelEmbedding(padded, m.embedding_dim, group=tp, padding_idx=m.padding_idx,
-                                         device=m.weight.device, dtype=m.weight.dtype)  # fmt: skip
+            new = VocabParallelEmbedding(
+                padded,
+                m.embedding_dim,
+                group=tp,
+                padding_idx=m.padding_idx,
+                device=m.weight.device,
+                dtype=m.weight.dtype,
+            )
         load_full_(new.weight, _pad_rows(m.weight.detach(), padded), tp)
         _layout(new.weight, False, rows if padded != rows else None)
         return new
@@ -250,7 +274,9 @@ class Heads:
 
     def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
         if self.cls is not None and type(m).__name__ != self.cls:
-            raise GptparConfigError(f"parallelize: {name!r} is a {type(m).__name__}, not the {self.cls} the plan expects")
+            raise GptparConfigError(
+                f"parallelize: {name!r} is a {type(m).__name__}, not the {self.cls} the plan expects"
+            )
         for a in self.attrs:
             v = getattr(m, a)
             if v % state.tp.size:
@@ -361,8 +387,9 @@ class SequenceParallelExit:
     def __call__(self, m: nn.Module, name: str, state: ParallelState) -> nn.Module:
         seq = _seq_shard(state, self.dim)
         SequenceParallelNorm()(m, name, state)
-        m.register_forward_hook(lambda module, args, out: seq.trim(comm.gather_from_region(out, state.tp, self.dim),
-                                                                   self.dim))  # fmt: skip
+        m.register_forward_hook(
+            lambda module, args, out: seq.trim(comm.gather_from_region(out, state.tp, self.dim), self.dim)
+        )
         return m
 
 
@@ -414,7 +441,9 @@ def check_nanogpt_attention(m: nn.Module, name: str) -> None:
             diff = (got - want).abs().max().item()
             scale = want.abs().max().item() + 1e-6
             if diff > 1e-4 * scale:
-                why = f"its output differs from nanoGPT's causal self-attention by {diff:.3g} (of {scale:.3g}) on a probe"
+                why = (
+                    f"its output differs from nanoGPT's causal self-attention by {diff:.3g} (of {scale:.3g}) on a probe"
+                )
         except Exception as e:  # a different forward signature or shape rule
             why = f"its forward on a probe input [2, 5, {m.n_embd}] failed ({type(e).__name__}: {e})"
         finally:
@@ -532,8 +561,11 @@ _HF_STYLES = ("colwise", "rowwise", "replicated_with_grad_allreduce")
 def _is_hf_mlp(m: nn.Module) -> bool:
     """A transformers gated MLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: gate and up read its input."""
     children = {n for n, _ in m.named_children()}
-    return (type(m).__module__.startswith("transformers.") and type(m).__name__.endswith("MLP")
-            and children == {"gate_proj", "up_proj", "down_proj", "act_fn"})  # fmt: skip
+    return (
+        type(m).__module__.startswith("transformers.")
+        and type(m).__name__.endswith("MLP")
+        and children == {"gate_proj", "up_proj", "down_proj", "act_fn"}
+    )
 
 
 def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
@@ -630,9 +662,12 @@ _STATE_OF: dict[int, tuple] = {}  # id(parameter) -> (weakref to it, its model's
 
 
 def parallelize(
-    model: nn.Module, layout: ParallelLayout | ParallelState, plan: dict | None = None, sequence_parallel: bool = False,
+    model: nn.Module,
+    layout: ParallelLayout | ParallelState,
+    plan: dict | None = None,
+    sequence_parallel: bool = False,
     check_replicas: bool = True,
-) -> nn.Module:  # fmt: skip
+) -> nn.Module:
     """Tensor-parallelise ``model`` in place over ``layout``'s tp group; returns the model.
     ``sequence_parallel`` (built-in plans): norms, dropout and residuals of the block stack hold
     ``1/tp`` of the sequence (any length: padded internally; generation works); all-reduces become
@@ -721,8 +756,9 @@ def state_of(params) -> ParallelState | None:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, state: ParallelState | None = None
-                    ) -> torch.Tensor:  # fmt: skip
+def clip_grad_norm_(
+    parameters, max_norm: float, norm_type: float = 2.0, state: ParallelState | None = None
+) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a parallelised model: the norm of the whole model's gradient
     (each parameter counted once across tp shards, tp replicas, K/V heads shared by a few ranks and
     pipeline-tied copies), the same clip coefficient on every rank. Returns the total norm (before
@@ -790,7 +826,9 @@ def save_pretrained(model: nn.Module, directory: str, state: ParallelState | Non
 
     unknown = set(kwargs) - {"safe_serialization", "is_main_process", "max_shard_size"}
     if unknown:
-        raise GptparConfigError(f"save_pretrained: options {sorted(unknown)} are not supported for a parallelised model")
+        raise GptparConfigError(
+            f"save_pretrained: options {sorted(unknown)} are not supported for a parallelised model"
+        )
     state = state or getattr(model, "gptpar_state", None)
     if state is None:
         raise GptparConfigError("save_pretrained: the model was not parallelised (no gptpar_state); pass state=")
@@ -871,8 +909,14 @@ def _read_local(weights, name: str, p: torch.Tensor, state: ParallelState) -> to
     return (t.t() if conv1d else t).contiguous().to(p.dtype)
 
 
-def from_pretrained(path: str, layout: ParallelLayout | ParallelState, plan: dict | None = None,
-                    sequence_parallel: bool = False, dtype: torch.dtype | None = None, **options) -> nn.Module:  # fmt: skip
+def from_pretrained(
+    path: str,
+    layout: ParallelLayout | ParallelState,
+    plan: dict | None = None,
+    sequence_parallel: bool = False,
+    dtype: torch.dtype | None = None,
+    **options,
+) -> nn.Module:
     """Load a transformers causal LM directory for tensor parallelism without a full copy on any rank:
     the model is built with its parameters on the meta device, parallelised, and each rank then reads
     only its own slices of each tensor from the safetensors (:class:`gptpar.models.hf.HFWeights`). Returns

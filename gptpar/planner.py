@@ -49,10 +49,17 @@ from gptpar.parallel.tensor import local_length
 
 # GPT-3 paper's shapes (Brown et al. 2020, Table 2.1): name -> (n_layer, d_model, n_head)
 GPT3_SHAPES = {
-    "125M": (12, 768, 12), "350M": (24, 1024, 16), "760M": (24, 1536, 16), "1.3B": (24, 2048, 16),
-    "2.7B": (32, 2560, 32), "6.7B": (32, 4096, 32), "13B": (40, 5120, 40), "30B": (48, 7168, 56),
-    "70B": (80, 8192, 64), "175B": (96, 12288, 96),
-}  # fmt: skip
+    "125M": (12, 768, 12),
+    "350M": (24, 1024, 16),
+    "760M": (24, 1536, 16),
+    "1.3B": (24, 2048, 16),
+    "2.7B": (32, 2560, 32),
+    "6.7B": (32, 4096, 32),
+    "13B": (40, 5120, 40),
+    "30B": (48, 7168, 56),
+    "70B": (80, 8192, 64),
+    "175B": (96, 12288, 96),
+}
 
 
 @dataclass(frozen=True)
@@ -158,9 +165,25 @@ def in_flight(schedule: str, p: int, r: int, m: int, v: int) -> int:
     return min(p - r, m)
 
 
-def memory(config: GPTConfig, tp=1, pp=1, dp=1, cp=1, v=1, micro_batch=1, m=1, sp=False, zero1=False,
-           param_bytes=2, grad_bytes=2, act_bytes=2, schedule="1f1b", rank=0, seq_len=None,
-           recompute=False) -> dict:  # fmt: skip
+def memory(
+    config: GPTConfig,
+    tp=1,
+    pp=1,
+    dp=1,
+    cp=1,
+    v=1,
+    micro_batch=1,
+    m=1,
+    sp=False,
+    zero1=False,
+    param_bytes=2,
+    grad_bytes=2,
+    act_bytes=2,
+    schedule="1f1b",
+    rank=0,
+    seq_len=None,
+    recompute=False,
+) -> dict:
     """Memory per GPU on pp rank ``rank`` by kind, in bytes."""
     units = stage_units(config, pp, rank, v) if pp > 1 else [(0, config.n_layer + 2)]
     n = param_count(config, tp, units)
@@ -199,9 +222,18 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_per_node: int = 8,
-         intra_bw: float = 450e9, inter_bw: float = 50e9, peak_flops: float = 989e12, mfu: float = 0.5,
-         top: int = 10) -> list[Plan]:  # fmt: skip
+def plan(
+    config: GPTConfig,
+    gpus: int,
+    gpu_mem: float,
+    global_batch: int,
+    gpus_per_node: int = 8,
+    intra_bw: float = 450e9,
+    inter_bw: float = 50e9,
+    peak_flops: float = 989e12,
+    mfu: float = 0.5,
+    top: int = 10,
+) -> list[Plan]:
     """Every layout that fits, ranked by estimated step time (see module docstring)."""
     s, h, L, a = config.seq_len, config.d_model, config.n_layer, config.n_head
     n_total = config.num_params()
@@ -233,11 +265,31 @@ def plan(config: GPTConfig, gpus: int, gpu_mem: float, global_batch: int, gpus_p
             tp_bw = intra_bw
             per_layer = 4 * 2 * (tp - 1) / tp * (s // cp) * mb * h * 2 if tp > 1 else 0
             tp_time = per_layer * (L / pp) * m / tp_bw
-            cp_time = (3 * (cp - 1) * 2 * mb * (s // cp) * h // tp * 2 * (L / pp) * m / (intra_bw if tp * cp <= gpus_per_node else inter_bw)) if cp > 1 else 0  # fmt: skip
+            cp_time = (
+                (
+                    3
+                    * (cp - 1)
+                    * 2
+                    * mb
+                    * (s // cp)
+                    * h
+                    // tp
+                    * 2
+                    * (L / pp)
+                    * m
+                    / (intra_bw if tp * cp <= gpus_per_node else inter_bw)
+                )
+                if cp > 1
+                else 0
+            )
             dp_bw = intra_bw if tp * cp * dp <= gpus_per_node else inter_bw
             g = dp * cp  # gradients are reduced over dp x cp (cp ranks hold partial sums)
             dp_time = 2 * (g - 1) / g * (n_total / (tp * pp)) * 2 / dp_bw if g > 1 else 0
-            pp_time = (2 * m * (s // cp) * mb * h * 2 / (inter_bw if tp * cp * dp >= gpus_per_node else intra_bw)) if pp > 1 else 0  # fmt: skip
+            pp_time = (
+                (2 * m * (s // cp) * mb * h * 2 / (inter_bw if tp * cp * dp >= gpus_per_node else intra_bw))
+                if pp > 1
+                else 0
+            )
             bubble = compute * ((pp - 1) / (v * m + pp - 1)) / (1 - (pp - 1) / (v * m + pp - 1)) if pp > 1 else 0
             time = {"compute": compute, "tp": tp_time, "cp": cp_time, "dp": dp_time, "pp": pp_time, "bubble": bubble}
             out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time, rc))
@@ -265,22 +317,38 @@ def main(argv: list[str] | None = None) -> None:
         intra = parse_size(links.get("nvlink", "450GB").replace("/s", ""))
         inter = parse_size(links.get("ib", "50GB").replace("/s", ""))
         config = model_for(args.params, args.seq)
-        plans = plan(config, args.gpus, parse_size(args.gpu_mem), args.global_batch, args.gpus_per_node, intra, inter,
-                     args.peak_tflops * 1e12, args.mfu, args.top)  # fmt: skip
+        plans = plan(
+            config,
+            args.gpus,
+            parse_size(args.gpu_mem),
+            args.global_batch,
+            args.gpus_per_node,
+            intra,
+            inter,
+            args.peak_tflops * 1e12,
+            args.mfu,
+            args.top,
+        )
     except (GptparConfigError, ValueError) as e:
         print(f"gptpar plan: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{args.params}: {config.num_params() / 1e9:.2f}B parameters, L={config.n_layer} h={config.d_model} "
-          f"heads={config.n_head}, seq {args.seq}, global batch {args.global_batch}, {args.gpus} GPUs x {args.gpu_mem}")  # fmt: skip
+    print(
+        f"{args.params}: {config.num_params() / 1e9:.2f}B parameters, L={config.n_layer} h={config.d_model} "
+        f"heads={config.n_head}, seq {args.seq}, global batch {args.global_batch}, {args.gpus} GPUs x {args.gpu_mem}"
+    )
     if not plans:
         print("no layout fits: add GPUs or memory, or shorten the sequence / micro-batch")
         return
-    print(f"{'tp':>3} {'pp':>3} {'dp':>3} {'cp':>3} {'v':>2} {'mb':>3} {'SP':>3} {'Z1':>3} {'RC':>3} {'GiB':>6} "
-          f"{'w':>5} {'g':>5} {'opt':>5} {'act':>5} {'step s':>7} {'comp':>6} {'tp':>5} {'cp':>5} {'dp':>5} {'pp':>5} {'bubble':>6}")  # fmt: skip
+    print(
+        f"{'tp':>3} {'pp':>3} {'dp':>3} {'cp':>3} {'v':>2} {'mb':>3} {'SP':>3} {'Z1':>3} {'RC':>3} {'GiB':>6} "
+        f"{'w':>5} {'g':>5} {'opt':>5} {'act':>5} {'step s':>7} {'comp':>6} {'tp':>5} {'cp':>5} {'dp':>5} {'pp':>5} {'bubble':>6}"
+    )
     gib = 2**30
     for p in plans:
         m, t = p.memory, p.time
-        print(f"{p.tp:3d} {p.pp:3d} {p.dp:3d} {p.cp:3d} {p.v:2d} {p.micro_batch:3d} {'y' if p.sequence_parallel else '-':>3} "
-              f"{'y' if p.zero1 else '-':>3} {'y' if p.recompute else '-':>3} {p.total_memory / gib:6.1f} {m['weights'] / gib:5.1f} {m['gradients'] / gib:5.1f} "
-              f"{m['optimizer'] / gib:5.1f} {m['activations'] / gib:5.1f} {p.step_time:7.2f} {t['compute']:6.2f} "
-              f"{t['tp']:5.2f} {t['cp']:5.2f} {t['dp']:5.2f} {t['pp']:5.2f} {t['bubble']:6.2f}")  # fmt: skip
+        print(
+            f"{p.tp:3d} {p.pp:3d} {p.dp:3d} {p.cp:3d} {p.v:2d} {p.micro_batch:3d} {'y' if p.sequence_parallel else '-':>3} "
+            f"{'y' if p.zero1 else '-':>3} {'y' if p.recompute else '-':>3} {p.total_memory / gib:6.1f} {m['weights'] / gib:5.1f} {m['gradients'] / gib:5.1f} "
+            f"{m['optimizer'] / gib:5.1f} {m['activations'] / gib:5.1f} {p.step_time:7.2f} {t['compute']:6.2f} "
+            f"{t['tp']:5.2f} {t['cp']:5.2f} {t['dp']:5.2f} {t['pp']:5.2f} {t['bubble']:6.2f}"
+        )

@@ -65,7 +65,7 @@ def generate_main(argv: list[str]) -> None:
     except GptparConfigError as e:
         print(f"gptpar generate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from gptpar.data import Corpus
+    from gptpar.corpus import Corpus
 
     corpus = Corpus(None, None, model.config.vocab_size, meta.get("tokenizer"))
     ids = corpus.encode(a.prompt) or [0]
@@ -81,8 +81,11 @@ def export_main(argv: list[str], prog: str = "gptpar export") -> None:
     )
     p.add_argument("--ckpt", required=True, help="a checkpoint folder or a run's --out")
     p.add_argument("--out", required=True, help="the directory to write")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="tensor dtype (default: the dtype of the model the run started from, else float32)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="tensor dtype (default: the dtype of the model the run started from, else float32)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a = p.parse_args(argv)
     from gptpar.checkpoint import export_checkpoint

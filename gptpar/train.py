@@ -33,9 +33,7 @@ SHUTDOWN_GRACE_S = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="gptpar train", description="Train a GPT with tensor/pipeline/data/context parallelism."
-    )
+    p = _Parser(prog="gptpar train", description="Train a GPT with tensor/pipeline/data/context parallelism.")
     a = p.add_argument
     a("--config", help="TOML file of options (command-line flags override it)")
     a("--nproc", type=int, help="processes to start on this machine (default: tp*pp*dp*cp)")
@@ -75,22 +73,43 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     a("--overwrite", action="store_true", help="replace the previous run in --out (its checkpoints and logs)")
     a("--keep-last", type=int, default=None, help="keep only the N newest checkpoints")
-    a("--max-skips", type=int, default=5,
-      help="stop after this many consecutive steps skipped for a non-finite loss or gradient norm")
-    a("--timeout", type=float, default=120.0,
-      help="seconds a collective may wait before the run fails, naming the ranks that stopped answering")
-    a("--rdzv-host", default="127.0.0.1",
-      help="address the launcher's rendezvous store listens on (loopback: nothing reachable from other hosts; "
-      "multi-node runs use an outer torchrun and `python -m gptpar.train`)")
+    a(
+        "--max-skips",
+        type=int,
+        default=5,
+        help="stop after this many consecutive steps skipped for a non-finite loss or gradient norm",
+    )
+    a(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds a collective may wait before the run fails, naming the ranks that stopped answering",
+    )
+    a(
+        "--rdzv-host",
+        default="127.0.0.1",
+        help="address the launcher's rendezvous store listens on (loopback: nothing reachable from other hosts; "
+        "multi-node runs use an outer torchrun and `python -m gptpar.train`)",
+    )
     a("--data", help="text file, folder of text files, or nanoGPT .bin (default: this machine's Python stdlib)")
-    a("--tokenizer", default=None,
-      help="bpe | bytes | PATH of a tokenizer.json (default: --init-from's tokenizer.json, else bpe)")
-    a("--init-from", help="a Hugging Face model directory (GPT-2, Llama, Mistral, Qwen2/3): its config and weights, "
-      "each rank reading only its slices")
+    a(
+        "--tokenizer",
+        default=None,
+        help="bpe | bytes | PATH of a tokenizer.json (default: --init-from's tokenizer.json, else bpe)",
+    )
+    a(
+        "--init-from",
+        help="a Hugging Face model directory (GPT-2, Llama, Mistral, Qwen2/3): its config and weights, "
+        "each rank reading only its slices",
+    )
     a("--vocab", type=int, default=2048, help="BPE vocabulary size")
     a("--vocab-size", type=int, help="for a pre-tokenised .bin: its vocabulary size")
-    a("--vocab-multiple", type=int, default=128,
-      help="embedding/output rows padded to a multiple of this, the same at every layout (padded logits masked)")
+    a(
+        "--vocab-multiple",
+        type=int,
+        default=128,
+        help="embedding/output rows padded to a multiple of this, the same at every layout (padded logits masked)",
+    )
     a("--cache-dir")
     a("--seed", type=int, default=1234)
     a("--max-restarts", type=int, default=0)
@@ -191,9 +210,26 @@ def hf_model_config(args: argparse.Namespace, vocab_size: int | None) -> GPTConf
 def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
     """Check every option against every other; raises GptparConfigError naming the value and the rule."""
     rest = args.tp * args.pp * args.cp
-    for name in ("tp", "pp", "cp", "steps", "batch_size", "vocab_multiple", "virtual_stages", "eval_batches",
-                 "keep_last", "max_skips", "nproc", "micro_batches", "dp", "vocab", "n_layer", "n_head", "d_model",
-                 "seq_len"):  # fmt: skip
+    for name in (
+        "tp",
+        "pp",
+        "cp",
+        "steps",
+        "batch_size",
+        "vocab_multiple",
+        "virtual_stages",
+        "eval_batches",
+        "keep_last",
+        "max_skips",
+        "nproc",
+        "micro_batches",
+        "dp",
+        "vocab",
+        "n_layer",
+        "n_head",
+        "d_model",
+        "seq_len",
+    ):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise GptparConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     for name in ("lr", "min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "max_restarts"):
@@ -260,7 +296,7 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
 # ---------------------------------------------------------------------------------------------- worker
 def worker(argv: list[str]) -> None:
     """One rank of the run: :class:`gptpar.trainer.Trainer` over the parsed command line."""
-    from gptpar.data import prepare
+    from gptpar.corpus import prepare
     from gptpar.trainer import Trainer
 
     args = parse(argv)
@@ -285,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(0)
     try:
         args = parse(argv)
-        from gptpar.data import prepare
+        from gptpar.corpus import prepare
 
         # Tokenise once here, before any worker starts (they then hit the cache), and validate everything.
         corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
@@ -362,8 +398,9 @@ def _store_on(host: str, port: int = 0):
     sock.listen(512)
     _LISTENERS.append(sock)
     port = sock.getsockname()[1]
-    store = TCPStore(host, port, is_master=True, master_listen_fd=sock.fileno(), wait_for_workers=False,
-                     multi_tenant=True)  # fmt: skip
+    store = TCPStore(
+        host, port, is_master=True, master_listen_fd=sock.fileno(), wait_for_workers=False, multi_tenant=True
+    )
     _LISTENERS.append(store)
     return store, port
 

@@ -41,9 +41,13 @@ def stop_nonfinite(args, step: int, bad: int, loss: float, rank0: bool) -> None:
         from gptpar import checkpoint
 
         last = checkpoint.latest(args.out)
-        print(f"gptpar train: error: stopping at step {step + 1}: {bad} consecutive steps had a non-finite loss or "
-              f"gradient norm (last loss {loss}); they were skipped, the weights are unchanged since; last checkpoint: "
-              f"{last or 'none'} (lower --lr, or raise --max-skips)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"gptpar train: error: stopping at step {step + 1}: {bad} consecutive steps had a non-finite loss or "
+            f"gradient norm (last loss {loss}); they were skipped, the weights are unchanged since; last checkpoint: "
+            f"{last or 'none'} (lower --lr, or raise --max-skips)",
+            file=sys.stderr,
+            flush=True,
+        )
     sys.stderr.flush()
     os._exit(4)
 
@@ -87,7 +91,7 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, run, corpus) -> None:
         """``run``: the resolved layout, model and micro-batches (:func:`gptpar.train.resolve`); ``corpus``:
-        the tokenised data (:func:`gptpar.data.prepare`)."""
+        the tokenised data (:func:`gptpar.corpus.prepare`)."""
         self.args = args
         self.run_id = os.environ.get(RUN_ID_ENV) or os.environ.get("TORCHELASTIC_RUN_ID", "none")
         self.corpus, self.run = corpus, run
@@ -147,11 +151,14 @@ class Trainer:
         if st.dp.size * st.cp.size > 1:
             self.ddp = DataParallel(params, st, reduce_dtype=reduce_dtype, shard_grads=args.zero, average=False)
         if args.zero:
-            self.opt = ZeroAdamW(self.ddp, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                                 decay=lambda p: p.dim() >= 2)  # fmt: skip
+            self.opt = ZeroAdamW(
+                self.ddp, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, decay=lambda p: p.dim() >= 2
+            )
         else:
-            groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+            groups = [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
             self.opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
         self.scaler = DynamicLossScaler(st) if args.precision == "fp16" else None
 
@@ -162,8 +169,15 @@ class Trainer:
         if self.rank0:  # generate and export never depend on a cache path
             keep_tokenizer(self.corpus.tokenizer_path, args.init_from, tokenizer_dir)
         tokenizer = os.path.join(tokenizer_dir, "tokenizer.json") if self.corpus.tokenizer_path else None
-        return {"model": self.cfg.to_dict(), "tokenizer": tokenizer, "tokenizer_dir": tokenizer_dir, "data": args.data,
-                "args": vars(args), "hf": self.hf_meta, "run_id": self.run_id}  # fmt: skip
+        return {
+            "model": self.cfg.to_dict(),
+            "tokenizer": tokenizer,
+            "tokenizer_dir": tokenizer_dir,
+            "data": args.data,
+            "args": vars(args),
+            "hf": self.hf_meta,
+            "run_id": self.run_id,
+        }
 
     def resume(self) -> int:
         """The step to start from: the latest checkpoint's with --resume, or after a restart of this same run
@@ -215,7 +229,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch ``step``; returns its log record."""
-        from gptpar.data import get_batch
+        from gptpar.corpus import get_batch
         from gptpar.parallel.data import global_token_count
 
         args, st = self.args, self.st
@@ -237,10 +251,17 @@ class Trainer:
         dt = time.perf_counter() - t0
         tokens = args.batch_size * self.cfg.seq_len
         self.tokens_done += tokens
-        return {"step": step + 1, "loss": loss_value, "lr": lr, "tokens_per_s": tokens / dt,
-                "mfu": tokens / dt * self.flops_per_token() / (self.peak_flops() * st.world_size), "time_s": dt,
-                "loss_scale": self.scaler.scale if self.scaler else None, "skipped": bool(skip),
-                "nonfinite": nonfinite}  # fmt: skip
+        return {
+            "step": step + 1,
+            "loss": loss_value,
+            "lr": lr,
+            "tokens_per_s": tokens / dt,
+            "mfu": tokens / dt * self.flops_per_token() / (self.peak_flops() * st.world_size),
+            "time_s": dt,
+            "loss_scale": self.scaler.scale if self.scaler else None,
+            "skipped": bool(skip),
+            "nonfinite": nonfinite,
+        }
 
     def lr_for(self, step: int) -> float:
         lr = lr_at(step, self.args)
@@ -276,7 +297,9 @@ class Trainer:
         args, st = self.args, self.st
         skip = False
         if self.scaler:
-            skip = self.scaler.unscale_tensors_(self.opt.grad_shards()) if args.zero else self.scaler.unscale_(self.params)
+            skip = (
+                self.scaler.unscale_tensors_(self.opt.grad_shards()) if args.zero else self.scaler.unscale_(self.params)
+            )
         nonfinite = not math.isfinite(loss_value)
         if not skip:
             max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
@@ -296,7 +319,7 @@ class Trainer:
     # -- evaluation, logging, checkpoints
     def evaluate(self) -> float:
         """Mean validation loss over --eval-batches batches, the same on every rank."""
-        from gptpar.data import get_batch
+        from gptpar.corpus import get_batch
 
         args, st = self.args, self.st
         for c in self.chunks:
@@ -329,9 +352,13 @@ class Trainer:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if bar:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                            mfu=f"{record['mfu']:.1%}", lr=f"{record['lr']:.2e}",
-                            scale=self.scaler.scale if self.scaler else "-")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                tok_s=f"{record['tokens_per_s']:,.0f}",
+                mfu=f"{record['mfu']:.1%}",
+                lr=f"{record['lr']:.2e}",
+                scale=self.scaler.scale if self.scaler else "-",
+            )
             bar.update(1)
 
     def save(self, step: int) -> None:
@@ -357,13 +384,20 @@ class Trainer:
         mems = comm.all_gather(torch.tensor([peak], dtype=torch.float64, device=st.device), st.world, 0).tolist()
         if not self.rank0:
             return
-        summary = {"steps": args.steps, "layout": str(st.layout), "tokens_per_s": self.tokens_done / elapsed if elapsed else 0,
-                   "peak_memory_bytes_per_rank": mems, "time_in_communication_s_rank0": self.comm_s,
-                   "elapsed_s": elapsed}  # fmt: skip
+        summary = {
+            "steps": args.steps,
+            "layout": str(st.layout),
+            "tokens_per_s": self.tokens_done / elapsed if elapsed else 0,
+            "peak_memory_bytes_per_rank": mems,
+            "time_in_communication_s_rank0": self.comm_s,
+            "elapsed_s": elapsed,
+        }
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         png = os.path.join(args.out, "loss.png")
         plot_losses(self.log_path, png)
-        print(f"gptpar train: {args.steps} steps, {summary['tokens_per_s']:,.0f} tokens/s, peak memory per rank "
-              f"{max(mems) / 2**20:.0f} MiB, {self.comm_s:.1f}s in communication (rank 0); "
-              f"log {self.log_path}, plot {png}")  # fmt: skip
+        print(
+            f"gptpar train: {args.steps} steps, {summary['tokens_per_s']:,.0f} tokens/s, peak memory per rank "
+            f"{max(mems) / 2**20:.0f} MiB, {self.comm_s:.1f}s in communication (rank 0); "
+            f"log {self.log_path}, plot {png}"
+        )

@@ -42,8 +42,26 @@ def _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, QPos, KPos, offs_m, offs_n, qmask, Sk, qk_scale, D: tl.constexpr,
-              CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _fwd_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    QPos,
+    KPos,
+    offs_m,
+    offs_n,
+    qmask,
+    Sk,
+    qk_scale,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """One K/V tile of the online softmax. ``MASKED=False``: every pair of the tile is known visible."""
     kmask = offs_n < Sk
     k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
@@ -73,9 +91,27 @@ def _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, KFull, Sq, Sk, scale, GROUP, CAUSAL: tl.constexpr,
-                    D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):  # fmt: skip
+def attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    QPos,
+    KPos,
+    KHi,
+    KFull,
+    Sq,
+    Sk,
+    scale,
+    GROUP,
+    CAUSAL: tl.constexpr,
+    D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -91,11 +127,47 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, KFull, Sq, Sk, scale, GR
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for start in range(0, full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk,
-                                  qk_scale, D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
+        acc, m_i, l_i = _fwd_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            QPos,
+            KPos,
+            offs_m,
+            start + offs_n0,
+            qmask,
+            Sk,
+            qk_scale,
+            D,
+            CAUSAL,
+            False,
+            UPCAST,
+            PREC,
+        )
     for start in range(full, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk,
-                                  qk_scale, D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
+        acc, m_i, l_i = _fwd_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            QPos,
+            KPos,
+            offs_m,
+            start + offs_n0,
+            qmask,
+            Sk,
+            qk_scale,
+            D,
+            CAUSAL,
+            True,
+            UPCAST,
+            PREC,
+        )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -107,8 +179,21 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, QPos, KPos, KHi, KFull, Sq, Sk, scale, GR
 
 
 @triton.jit
-def _probs(q, k, lse2, qk_scale, QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL: tl.constexpr,
-           MASKED: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _probs(
+    q,
+    k,
+    lse2,
+    qk_scale,
+    QPos,
+    KPos,
+    offs_m,
+    offs_n,
+    qmask,
+    kmask,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Backward's recomputed probabilities ``exp(S - lse)`` of a tile (base 2); with ``MASKED``, zero where
     not visible. (Unmasked tiles: padding rows have ``lse = inf`` so ``p = 0``; padding keys only reach
     their own, unstored, dK/dV rows.)"""
@@ -120,9 +205,28 @@ def _probs(q, k, lse2, qk_scale, QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSA
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, Delta, QPos, KPos, offs_m, offs_n, kmask, Sq, qk_scale,
-               D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-               PREC: tl.constexpr):  # fmt: skip
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    LSE,
+    Delta,
+    QPos,
+    KPos,
+    offs_m,
+    offs_n,
+    kmask,
+    Sq,
+    qk_scale,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
     qmask = offs_m < Sq
     q = _load(q_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
     do = _load(do_base + offs_m[:, None] * D, qmask[:, None], UPCAST)
@@ -137,9 +241,30 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, Delta, QPos, KPos, offs_m, of
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, QFull, Sq, Sk, scale, GROUP,
-                         CAUSAL: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DK,
+    DV,
+    QPos,
+    KPos,
+    QLo,
+    QFull,
+    Sq,
+    Sk,
+    scale,
+    GROUP,
+    CAUSAL: tl.constexpr,
+    D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One K/V block of K/V head ``bh``: its dK/dV summed over the ``GROUP`` query heads that read it."""
     pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,20 +290,78 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, QPos, KPos, QLo, QFull
         do_base = DO + qh * Sq * D + offs_d[None, :]
         lse_base, delta_base = LSE + qh * Sq, Delta + qh * Sq
         for start in range(lo, full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0,
-                                offs_n, kmask, Sq, qk_scale, D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                QPos,
+                KPos,
+                start + offs_m0,
+                offs_n,
+                kmask,
+                Sq,
+                qk_scale,
+                D,
+                CAUSAL,
+                True,
+                UPCAST,
+                PREC,
+            )
         for start in range(full, Sq, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, QPos, KPos, start + offs_m0,
-                                offs_n, kmask, Sq, qk_scale, D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                QPos,
+                KPos,
+                start + offs_m0,
+                offs_n,
+                kmask,
+                Sq,
+                qk_scale,
+                D,
+                CAUSAL,
+                False,
+                UPCAST,
+                PREC,
+            )
     dk = dk * scale
     tl.store(DK + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(DV + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, offs_n, qmask, Sk, qk_scale,
-             D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-             PREC: tl.constexpr):  # fmt: skip
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    QPos,
+    KPos,
+    offs_m,
+    offs_n,
+    qmask,
+    Sk,
+    qk_scale,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
     kmask = offs_n < Sk
     k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
     v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
@@ -188,9 +371,29 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, offs_n,
 
 
 @triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, KFull, Sq, Sk, scale, GROUP, CAUSAL: tl.constexpr,
-                       D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):  # fmt: skip
+def attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    QPos,
+    KPos,
+    KHi,
+    KFull,
+    Sq,
+    Sk,
+    scale,
+    GROUP,
+    CAUSAL: tl.constexpr,
+    D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -208,11 +411,49 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, QPos, KPos, KHi, KFull, Sq, 
     full, hi = _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL, BLOCK_N)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     for start in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk, qk_scale,
-                      D, CAUSAL, False, UPCAST, PREC)  # fmt: skip
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            QPos,
+            KPos,
+            offs_m,
+            start + offs_n0,
+            qmask,
+            Sk,
+            qk_scale,
+            D,
+            CAUSAL,
+            False,
+            UPCAST,
+            PREC,
+        )
     for start in range(full, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, QPos, KPos, offs_m, start + offs_n0, qmask, Sk, qk_scale,
-                      D, CAUSAL, True, UPCAST, PREC)  # fmt: skip
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            QPos,
+            KPos,
+            offs_m,
+            start + offs_n0,
+            qmask,
+            Sk,
+            qk_scale,
+            D,
+            CAUSAL,
+            True,
+            UPCAST,
+            PREC,
+        )
     dq = dq * scale
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask[:, None])
 

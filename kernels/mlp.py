@@ -20,9 +20,24 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def mlp_fwd_kernel(X, W, B, Pre, Y, M, F, K, HAS_B: tl.constexpr, SWIGLU: tl.constexpr, UPCAST: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):  # fmt: skip
+def mlp_fwd_kernel(
+    X,
+    W,
+    B,
+    Pre,
+    Y,
+    M,
+    F,
+    K,
+    HAS_B: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """Y [M, F] = act(X [M, K] @ W^T + B); Pre keeps the pre-activation."""
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N)
@@ -47,8 +62,9 @@ def mlp_fwd_kernel(X, W, B, Pre, Y, M, F, K, HAS_B: tl.constexpr, SWIGLU: tl.con
             w = w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=PREC)
         if SWIGLU:
-            u = tl.load(W + (offs_n[:, None] + F) * K + offs_k[None, :], mask=nmask[:, None] & kmask[None, :],
-                        other=0.0)  # fmt: skip
+            u = tl.load(
+                W + (offs_n[:, None] + F) * K + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0
+            )
             if UPCAST:
                 u = u.to(tl.float32)
             acc_u += tl.dot(x, tl.trans(u), input_precision=PREC)
@@ -79,8 +95,9 @@ def mlp_act_bwd_kernel(Pre, DY, DPre, M, F, SWIGLU: tl.constexpr, BLOCK: tl.cons
         g = tl.load(Pre + row * 2 * F + col, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(Pre + row * 2 * F + F + col, mask=mask, other=0.0).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-g))
-        tl.store(DPre + row * 2 * F + col, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DPre.dtype.element_ty),
-                 mask=mask)  # fmt: skip
+        tl.store(
+            DPre + row * 2 * F + col, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DPre.dtype.element_ty), mask=mask
+        )
         tl.store(DPre + row * 2 * F + F + col, (dy * g * sig).to(DPre.dtype.element_ty), mask=mask)
     else:
         x = tl.load(Pre + offs, mask=mask, other=0.0).to(tl.float32)
@@ -96,8 +113,11 @@ mlp_fwd = triton.autotune(
     [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in (
-            (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
         )
     ],
     key=["M", "F", "K", "SWIGLU"],
-)(mlp_fwd_kernel)  # fmt: skip
+)(mlp_fwd_kernel)

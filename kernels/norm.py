@@ -33,8 +33,9 @@ def norm_fwd_kernel(
 
 
 @triton.jit
-def norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, DW, DB, stride, M, N, ROWS: tl.constexpr, RMS: tl.constexpr,
-                    BLOCK: tl.constexpr):  # fmt: skip
+def norm_bwd_kernel(
+    X, W, DY, DX, Mean, Rstd, DW, DB, stride, M, N, ROWS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N

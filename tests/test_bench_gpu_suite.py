@@ -33,6 +33,11 @@ def test_gpu_suite_smoke_runs_every_section_and_matches_baselines(tmp_path):
 
 def test_gpu_suite_refuses_to_run_without_a_gpu_or_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--smoke"], capture_output=True,
-                         text=True, timeout=120, env=env)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert res.returncode != 0 and "TRITON_INTERPRET=1" in res.stderr

@@ -17,9 +17,17 @@ from gptpar.testing import run_distributed
 
 CONFIG = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32)
 SWIGLU = GPTConfig(
-    vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32, ffn_hidden=48,
-    activation="swiglu", norm="rmsnorm", bias=False, tie_embeddings=False,
-)  # fmt: skip
+    vocab_size=64,
+    seq_len=16,
+    n_layer=2,
+    n_head=4,
+    d_model=32,
+    ffn_hidden=48,
+    activation="swiglu",
+    norm="rmsnorm",
+    bias=False,
+    tie_embeddings=False,
+)
 
 
 # ---------------------------------------------------------------------------------------------- shards

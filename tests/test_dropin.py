@@ -24,11 +24,26 @@ def make(kind: str):
     import transformers as tf
 
     torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=64, vocab_size=101)  # fmt: skip
+    small = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        vocab_size=101,
+    )
     if kind == "gpt2":  # GPT-2's real vocabulary and context
-        cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50257, n_positions=1024, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        cfg = tf.GPT2Config(
+            n_layer=2,
+            n_head=4,
+            n_embd=32,
+            vocab_size=50257,
+            n_positions=1024,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         return tf.GPT2LMHeadModel(cfg)
     if kind == "llama":  # untied head, pad id 0 (the embedding's padding_idx), odd vocabulary
         return tf.LlamaForCausalLM(tf.LlamaConfig(**small, pad_token_id=0, tie_word_embeddings=False))
@@ -59,8 +74,9 @@ def run(kind: str, tp: int = 0, sp: bool = False, steps: int = 3):
         res.loss.backward()
         if step == 0:
             out["logits"] = res.logits.detach()
-            out["grads"] = {n: (full_tensor(p, state, p.grad) if tp else p.grad.clone())
-                            for n, p in model.named_parameters()}  # fmt: skip
+            out["grads"] = {
+                n: (full_tensor(p, state, p.grad) if tp else p.grad.clone()) for n, p in model.named_parameters()
+            }
         clip = gptpar.clip_grad_norm_ if tp else torch.nn.utils.clip_grad_norm_
         out["norms"].append(clip(model.parameters(), 0.05).detach())
         out["losses"].append(res.loss.detach())
@@ -88,8 +104,9 @@ def check(got: dict, kind: str, label: str) -> None:
     for n, g in ref["grads"].items():
         torch.testing.assert_close(got["grads"][n], g, **TOL, msg=lambda m, n=n: f"{label} grad {n}: {m}")
     for key in ("losses", "norms"):
-        torch.testing.assert_close(torch.stack(got[key]), torch.stack(ref[key]), **TOL,
-                                   msg=lambda m, key=key: f"{label} {key}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            torch.stack(got[key]), torch.stack(ref[key]), **TOL, msg=lambda m, key=key: f"{label} {key}: {m}"
+        )
     assert torch.equal(got["generated"], ref["generated"]), f"{label} generate"
     if kind == "llama":  # pad_token_id=0: the padding row gets no gradient
         assert got["grads"]["model.embed_tokens.weight"][0].abs().max() == 0
@@ -217,8 +234,14 @@ def _bad_configs():
     state = init_parallel(ParallelLayout(tp=4))
     errors = []
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=6,
-                         num_key_value_heads=3, vocab_size=64)  # fmt: skip
+    cfg = tf.LlamaConfig(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        vocab_size=64,
+    )
     for model in (tf.LlamaForCausalLM(cfg),):
         try:
             parallelize(model, state)

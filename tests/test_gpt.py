@@ -122,8 +122,9 @@ def test_parallel_gpt_rejects_bad_layout_at_construction():
     assert "n_head=3 is not divisible by tp=2" in msg
 
 
-@pytest.mark.parametrize("options", [{"recompute": True}, {"recompute": True, "sequence_parallel": True}],
-                         ids=["recompute", "recompute+sp"])  # fmt: skip
+@pytest.mark.parametrize(
+    "options", [{"recompute": True}, {"recompute": True, "sequence_parallel": True}], ids=["recompute", "recompute+sp"]
+)
 def test_activation_recompute_matches_reference(options):
     config = CONFIGS["gelu-layernorm-tied"]
     results = run_distributed(train_parallel, 2, config, ParallelLayout(tp=2), 2, options)

@@ -29,8 +29,10 @@ def _tokenizer(folder, text):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok.train_from_iterator(
+        [text],
+        trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     tok.save(os.path.join(folder, "tokenizer.json"))
 
 
@@ -50,12 +52,27 @@ def models(tmp_path_factory):
     t = transformers
     made = {
         "gpt2": t.GPT2LMHeadModel(t.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=SEQ)),
-        "llama": t.LlamaForCausalLM(t.LlamaConfig(
-            vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=False,
-            rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=16, rope_theta=500000.0))),
-    }  # fmt: skip
+        "llama": t.LlamaForCausalLM(
+            t.LlamaConfig(
+                vocab_size=320,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=SEQ,
+                tie_word_embeddings=False,
+                rope_parameters=dict(
+                    rope_type="llama3",
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=16,
+                    rope_theta=500000.0,
+                ),
+            )
+        ),
+    }
     import copy
 
     made["llama-bf16"] = copy.deepcopy(made["llama"]).to(torch.bfloat16)
@@ -118,8 +135,21 @@ def test_to_hf_writes_a_directory_from_pretrained_loads_whole(models, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _train(out, *args, steps=2, check=True):
-    cmd = [sys.executable, "-m", "gptpar.train", "--steps", str(steps), "--batch-size", "8", "--eval-every", "0",
-           "--no-progress", "--out", str(out), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptpar.train",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -128,7 +158,7 @@ def _train(out, *args, steps=2, check=True):
 
 def _first_batch_loss(path, data, cache, dp, seed=1234):
     """transformers' loss on the global batch of gptpar train's first step (the same windows)."""
-    from gptpar.data import get_batch, prepare
+    from gptpar.corpus import get_batch, prepare
 
     corpus = prepare(data, os.path.join(path, "tokenizer.json"), cache_dir=cache)
     xs, ys = zip(*(get_batch(corpus.train, SEQ, 8 // dp, seed, 0, r, dp) for r in range(dp)), strict=True)
@@ -137,8 +167,15 @@ def _first_batch_loss(path, data, cache, dp, seed=1234):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
 
 
-@pytest.mark.parametrize("layout", [["--nproc", "4", "--tp", "2", "--pp", "2"], ["--nproc", "2", "--cp", "2"],
-                                    ["--nproc", "2", "--dp", "2", "--zero"]], ids=["tp2xpp2", "cp2", "dp2-zero1"])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--nproc", "4", "--tp", "2", "--pp", "2"],
+        ["--nproc", "2", "--cp", "2"],
+        ["--nproc", "2", "--dp", "2", "--zero"],
+    ],
+    ids=["tp2xpp2", "cp2", "dp2-zero1"],
+)
 def test_init_from_first_step_loss_equals_transformers(models, tmp_path, layout):
     paths, data = models
     cache = str(tmp_path / "cache")
@@ -157,10 +194,29 @@ def test_init_from_first_step_loss_equals_transformers(models, tmp_path, layout)
 def test_train_with_lr_0_then_export_gives_back_the_same_model(models, tmp_path, name):
     paths, data = models
     out, exported = tmp_path / "run", tmp_path / "export"
-    _train(out, "--init-from", paths[name], "--data", data, "--cache-dir", str(tmp_path / "c"), "--lr", "0",
-           "--nproc", "4", "--tp", "2", "--pp", "2")  # fmt: skip
-    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(out), "--out", str(exported)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    _train(
+        out,
+        "--init-from",
+        paths[name],
+        "--data",
+        data,
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--lr",
+        "0",
+        "--nproc",
+        "4",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(out), "--out", str(exported)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     cfg = json.load(open(exported / "config.json"))
     assert cfg["architectures"] == ["LlamaForCausalLM"]
@@ -168,7 +224,10 @@ def test_train_with_lr_0_then_export_gives_back_the_same_model(models, tmp_path,
     assert cfg["dtype"] == cfg["torch_dtype"] == str(want_dtype).removeprefix("torch.")
     from safetensors.torch import load_file
 
-    got, orig = load_file(str(exported / "model.safetensors")), load_file(os.path.join(paths[name], "model.safetensors"))
+    got, orig = (
+        load_file(str(exported / "model.safetensors")),
+        load_file(os.path.join(paths[name], "model.safetensors")),
+    )
     assert got.keys() == orig.keys()
     for k in orig:
         assert got[k].dtype == want_dtype and torch.equal(got[k], orig[k]), k  # bitwise: lr 0 changes nothing
@@ -192,8 +251,12 @@ def test_train_with_lr_0_then_export_gives_back_the_same_model(models, tmp_path,
             assert torch.equal(m2(idx).logits, _hf_logits(paths[name], idx))
         assert not list(tmp_path.glob("*.tmp"))  # nothing left behind
         # generate tokenises and decodes with the model's own tokenizer (kept in the run's folder)
-        res = subprocess.run([sys.executable, "-m", "gptpar.cli", "generate", "--ckpt", str(out), "--prompt", "def ",
-                              "--tokens", "10"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "-m", "gptpar.cli", "generate", "--ckpt", str(out), "--prompt", "def ", "--tokens", "10"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0 and res.stdout.startswith("def "), res.stderr[-2000:]
         assert (out / "tokenizer" / "tokenizer.json").exists()
 
@@ -221,9 +284,16 @@ def test_each_rank_reads_only_its_slices_host_memory_near_its_shard(tmp_path):
     from safetensors.torch import save_file
 
     t = transformers
-    cfg = t.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
-                        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64,
-                        tie_word_embeddings=False)  # fmt: skip
+    cfg = t.LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     folder = tmp_path / "big"
     folder.mkdir()
     cfg.save_pretrained(str(folder))
@@ -236,8 +306,9 @@ def test_each_rank_reads_only_its_slices_host_memory_near_its_shard(tmp_path):
     full_bytes = sum(v.numel() * 4 for v in sd.values())
     save_file(sd, str(folder / "model.safetensors"))
     del sd
-    res = subprocess.run([sys.executable, "-c", MEMORY, str(folder), "8", "3"], capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", MEMORY, str(folder), "8", "3"], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     grew, held = (int(x) for x in res.stdout.split())
     assert full_bytes >= 8 * held * 0.95  # the model is >= 8x one rank's shard (tp=8)
@@ -257,9 +328,11 @@ def test_bad_directories_are_refused_naming_the_file_or_field(models, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(GptparConfigError, match="model.safetensors.*truncated"):
         HFWeights(str(bad))
-    for field, value, match in (("architectures", ["BertModel"], "architecture 'BertModel'"),
-                                ("hidden_act", "gelu", "hidden_act='gelu'"),
-                                ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "'yarn'")):  # fmt: skip
+    for field, value, match in (
+        ("architectures", ["BertModel"], "architecture 'BertModel'"),
+        ("hidden_act", "gelu", "hidden_act='gelu'"),
+        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "'yarn'"),
+    ):
         d = tmp_path / field
         shutil.copytree(src, d)
         cfg = json.load(open(d / "config.json"))
@@ -275,8 +348,9 @@ def test_bad_directories_are_refused_naming_the_file_or_field(models, tmp_path):
     save_file(sd, str(extra / "model.safetensors"))
     with pytest.raises(GptparConfigError, match="tensors gptpar would not use.*sinks"):
         read_shard(HFWeights(str(extra)), *_llama_specs(src))
-    _refused_before_launch(["--init-from", src, "--n-layer", "2", "--out", str(tmp_path / "r")], "--n-layer 2 contradicts",
-                           models[1])  # fmt: skip
+    _refused_before_launch(
+        ["--init-from", src, "--n-layer", "2", "--out", str(tmp_path / "r")], "--n-layer 2 contradicts", models[1]
+    )
 
 
 def _refused_before_launch(argv, match, data):

@@ -20,12 +20,30 @@ def make(kind: str):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=4, n_head=4, n_embd=32, vocab_size=64, n_positions=16, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        cfg = transformers.GPT2Config(
+            n_layer=4,
+            n_head=4,
+            n_embd=32,
+            vocab_size=64,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return transformers.GPT2LMHeadModel(cfg)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
-                                   tie_word_embeddings=False, pad_token_id=None)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -110,8 +128,11 @@ class Blocks(nn.Module):
     def __init__(self, lo: int, hi: int, n: int = 4, d: int = 16, vocab: int = 32):
         super().__init__()
         torch.manual_seed(0)
-        full = nn.ModuleList([nn.Embedding(vocab, d)] + [nn.Sequential(nn.Linear(d, d), nn.GELU()) for _ in range(n)]
-                             + [nn.Linear(d, vocab)])  # fmt: skip
+        full = nn.ModuleList(
+            [nn.Embedding(vocab, d)]
+            + [nn.Sequential(nn.Linear(d, d), nn.GELU()) for _ in range(n)]
+            + [nn.Linear(d, vocab)]
+        )
         self.units = nn.ModuleList(full[lo:hi])
         self.first, self.last, self.d = lo == 0, hi == n + 2, d
 
@@ -126,8 +147,9 @@ class Blocks(nn.Module):
             x = u(x)
         if not self.last:
             return x
-        loss = nn.functional.cross_entropy(x.flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
-                                           reduction="sum")  # fmt: skip
+        loss = nn.functional.cross_entropy(
+            x.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
+        )
         return x, loss / loss_normalizer
 
 
@@ -144,8 +166,11 @@ def _plain_stack():
     ref = nn.functional.cross_entropy(x.flatten(0, 1), idx.flatten())
     ref.backward()
     lo = 0 if state.pp.rank == 0 else 3
-    errs = [(p.grad - full.units[lo + i].get_parameter(n).grad).abs().max().item()
-            for i, u in enumerate(chunk.units) for n, p in u.named_parameters()]  # fmt: skip
+    errs = [
+        (p.grad - full.units[lo + i].get_parameter(n).grad).abs().max().item()
+        for i, u in enumerate(chunk.units)
+        for n, p in u.named_parameters()
+    ]
     return (loss - ref).abs().item(), max(errs)
 
 
@@ -170,10 +195,26 @@ def test_a_chunk_without_the_stage_methods_is_refused_by_name():
 def test_an_unknown_transformers_model_is_refused_by_name():
     import transformers
 
-    cfg = transformers.GPTNeoXConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                     vocab_size=32)  # fmt: skip
+    cfg = transformers.GPTNeoXConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=32
+    )
     model = transformers.GPTNeoXForCausalLM(cfg)
     from gptpar.models.hf_stages import HFCausalLMStage
 
     with pytest.raises(GptparConfigError, match="no pipeline stages for GPTNeoXForCausalLM"):
         HFCausalLMStage(model, (0, 1))
+
+
+def test_unit_costs_come_from_the_model_side_params_or_a_profile():
+    from gptpar.pipeline import hf_unit_costs
+
+    model = make("llama")
+    by_params = hf_unit_costs(model, "params")
+    n = model.config.num_hidden_layers
+    assert len(by_params) == n + 2
+    assert sum(by_params) == sum(p.numel() for p in model.parameters())  # untied: every parameter once
+    profiled = hf_unit_costs(model, "profile", batch=1, seq_len=8)
+    assert len(profiled) == n + 2 and all(c > 0 for c in profiled)
+    assert all(p.grad is None for p in model.parameters())  # profiling leaves no gradients behind
+    with pytest.raises(GptparConfigError, match="cost model 'flops' is unknown"):
+        hf_unit_costs(model, "flops")

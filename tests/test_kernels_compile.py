@@ -62,8 +62,12 @@ def test_flash_attention_compiles_for_sm90(which):
         consts = {"CAUSAL": True, "D": 128, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
         compile_sm90(kernel, _attention_types("bf16"), consts, cfg.num_warps, cfg.num_stages)
     cfg = tuned.configs[0]
-    for d, causal, dt, prec in ((64, True, "bf16", "tf32"), (64, False, "bf16", "tf32"), (128, False, "fp16", "tf32"),
-                                (64, True, "fp32", "ieee")):  # fmt: skip
+    for d, causal, dt, prec in (
+        (64, True, "bf16", "tf32"),
+        (64, False, "bf16", "tf32"),
+        (128, False, "fp16", "tf32"),
+        (64, True, "fp32", "ieee"),
+    ):
         consts = {"CAUSAL": causal, "D": d, "UPCAST": False, "PREC": prec, **cfg.kwargs}
         compile_sm90(kernel, _attention_types(dt), consts, cfg.num_warps, cfg.num_stages)
 
@@ -82,20 +86,46 @@ def test_fused_mlp_compiles_for_sm90():
         mlp.mlp_fwd_kernel, fp32, {"HAS_B": True, "SWIGLU": False, "UPCAST": False, "PREC": "ieee", **cfg.kwargs}
     )
     for swiglu in (False, True):
-        compile_sm90(mlp.mlp_act_bwd_kernel, {"Pre": "*bf16", "DY": "*bf16", "DPre": "*bf16", "M": "i32", "F": "i32"},
-                     {"SWIGLU": swiglu, "BLOCK": 1024})  # fmt: skip
+        compile_sm90(
+            mlp.mlp_act_bwd_kernel,
+            {"Pre": "*bf16", "DY": "*bf16", "DPre": "*bf16", "M": "i32", "F": "i32"},
+            {"SWIGLU": swiglu, "BLOCK": 1024},
+        )
 
 
 def test_norm_and_cross_entropy_compile_for_sm90():
     from gptpar.ops.norm import _warps
 
-    types = {"X": "*bf16", "W": "*fp32", "B": "*fp32", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16", "Mean": "*fp32",
-             "Rstd": "*fp32", "DW": "*fp32", "DB": "*fp32", "stride": "i32", "M": "i32", "N": "i32", "eps": "fp32"}  # fmt: skip
+    types = {
+        "X": "*bf16",
+        "W": "*fp32",
+        "B": "*fp32",
+        "Y": "*bf16",
+        "DY": "*bf16",
+        "DX": "*bf16",
+        "Mean": "*fp32",
+        "Rstd": "*fp32",
+        "DW": "*fp32",
+        "DB": "*fp32",
+        "stride": "i32",
+        "M": "i32",
+        "N": "i32",
+        "eps": "fp32",
+    }
     for rms in (False, True):
         compile_sm90(norm.norm_fwd_kernel, types, {"RMS": rms, "HAS_B": not rms, "BLOCK": 8192}, _warps(8192))
         compile_sm90(norm.norm_bwd_kernel, types, {"ROWS": 32, "RMS": rms, "BLOCK": 8192}, _warps(8192))
-    types = {"X": "*bf16", "T": "*i64", "Max": "*fp32", "Sum": "*fp32", "Tgt": "*fp32", "DLoss": "*fp32",
-             "stride": "i32", "V": "i32", "start": "i32"}  # fmt: skip
+    types = {
+        "X": "*bf16",
+        "T": "*i64",
+        "Max": "*fp32",
+        "Sum": "*fp32",
+        "Tgt": "*fp32",
+        "DLoss": "*fp32",
+        "stride": "i32",
+        "V": "i32",
+        "start": "i32",
+    }
     compile_sm90(cross_entropy.ce_stats_kernel, types, {"BLOCK": 4096})
     compile_sm90(cross_entropy.ce_grad_kernel, types, {"BLOCK": 4096})
 

@@ -46,15 +46,18 @@ def test_reference_rope_is_rotate_half_with_duplicated_frequencies():
     torch.testing.assert_close(apply_rope(x, cos, sin), x * cos2 + rotate_half * sin2, rtol=1e-6, atol=1e-6)
     qkv = torch.randn(10, 2, 4, d)
     out = reference_rope_qkv(qkv, cos, sin, 3)
-    torch.testing.assert_close(out[:, :, :3], apply_rope(qkv[:, :, :3].permute(1, 2, 0, 3), cos, sin).permute(2, 0, 1, 3))
+    torch.testing.assert_close(
+        out[:, :, :3], apply_rope(qkv[:, :, :3].permute(1, 2, 0, 3), cos, sin).permute(2, 0, 1, 3)
+    )
     assert torch.equal(out[:, :, 3:], qkv[:, :, 3:])
 
 
 def test_llama3_scaling_keeps_high_and_divides_low_frequencies():
     d = 64
     plain = rope_inv_freq(d, 500000.0)
-    scaled = rope_inv_freq(d, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                                original_max_position_embeddings=8192))  # fmt: skip
+    scaled = rope_inv_freq(
+        d, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    )
     wavelen = 2 * torch.pi / plain
     assert torch.equal(scaled[wavelen < 8192 / 4], plain[wavelen < 8192 / 4])
     torch.testing.assert_close(scaled[wavelen > 8192], plain[wavelen > 8192] / 8)

@@ -79,15 +79,19 @@ def test_no_module_imports_a_higher_layer():
     for name, path in mods.items():
         for target, line, _ in imports_of(name, path, set(mods)):
             if layer(target) > layer(name):
-                bad.append(f"{os.path.relpath(path, ROOT)}:{line} ({name}, layer {layer(name)}) imports {target} "
-                           f"(layer {layer(target)})")  # fmt: skip
+                bad.append(
+                    f"{os.path.relpath(path, ROOT)}:{line} ({name}, layer {layer(name)}) imports {target} "
+                    f"(layer {layer(target)})"
+                )
     assert not bad, "upward imports:\n" + "\n".join(bad)
 
 
 def test_no_import_cycles_between_modules():
     mods = modules()
-    graph = {n: {t for t, _, _ in imports_of(n, p, set(mods)) if t != n and not n.startswith(t + ".")}
-             for n, p in mods.items()}  # fmt: skip  (a package's own __init__ is not a cycle)
+    graph = {
+        n: {t for t, _, _ in imports_of(n, p, set(mods)) if t != n and not n.startswith(t + ".")}
+        for n, p in mods.items()
+    }  # a package's own __init__ is not a cycle
     cycles = []
     state: dict[str, int] = {}
 
@@ -98,7 +102,7 @@ def test_no_import_cycles_between_modules():
             if m not in graph or (n == "gptpar" or m == "gptpar"):
                 continue
             if state.get(m) == 1:
-                cycles.append(" -> ".join(stack[stack.index(m):] + [m]))
+                cycles.append(" -> ".join(stack[stack.index(m) :] + [m]))
             elif m not in state:
                 visit(m, stack)
         stack.pop()
@@ -115,8 +119,10 @@ def test_import_gptpar_is_cheap(mod):
     import subprocess
     import sys
 
-    code = (f"import sys, {mod}; heavy = [m for m in ('transformers', 'triton', 'safetensors', 'numpy.f2py') "
-            "if m in sys.modules]; print(heavy)")  # fmt: skip
+    code = (
+        f"import sys, {mod}; heavy = [m for m in ('transformers', 'triton', 'safetensors', 'numpy.f2py') "
+        "if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout

@@ -24,34 +24,73 @@ transformers = pytest.importorskip("transformers")
 SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=4)
 LLAMA = dict(position="rope", activation="swiglu", norm="rmsnorm", bias=False, tie_embeddings=False)
 # GQA: 4 query heads, 2 K/V heads; Llama 3 scaling (original context 4 so that it changes frequencies here)
-GQA = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=48,
-                rope_theta=500000.0, rope_scaling=SCALING, **LLAMA)  # fmt: skip
+GQA = GPTConfig(
+    vocab_size=64,
+    seq_len=16,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    d_model=32,
+    ffn_hidden=48,
+    rope_theta=500000.0,
+    rope_scaling=SCALING,
+    **LLAMA,
+)
 # MQA with Qwen2's q/k/v bias and Qwen3's per-head q/k norm, tied embeddings
-MQA = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_kv_head=1, d_model=32, ffn_hidden=48,
-                qkv_bias=True, qk_norm=True, **{**LLAMA, "tie_embeddings": True})  # fmt: skip
+MQA = GPTConfig(
+    vocab_size=64,
+    seq_len=16,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=1,
+    d_model=32,
+    ffn_hidden=48,
+    qkv_bias=True,
+    qk_norm=True,
+    **{**LLAMA, "tie_embeddings": True},
+)
 
 
 # ---------------------------------------------------------------------------------------------- vs transformers
 def _hf_models():
     t = transformers
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64, rms_norm_eps=1e-5)  # fmt: skip
-    llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                  original_max_position_embeddings=16, rope_theta=500000.0)  # fmt: skip
+    common = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+    )
+    llama3 = dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+        rope_theta=500000.0,
+    )
     return {
         "llama-gqa-llama3-rope": lambda: t.LlamaForCausalLM(
-            t.LlamaConfig(**common, num_key_value_heads=2, rope_parameters=llama3, tie_word_embeddings=False)),
+            t.LlamaConfig(**common, num_key_value_heads=2, rope_parameters=llama3, tie_word_embeddings=False)
+        ),
         "llama-mha-plain-rope": lambda: t.LlamaForCausalLM(
-            t.LlamaConfig(**common, num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False)),
+            t.LlamaConfig(**common, num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False)
+        ),
         "llama-mqa": lambda: t.LlamaForCausalLM(
-            t.LlamaConfig(**common, num_key_value_heads=1, tie_word_embeddings=False)),
+            t.LlamaConfig(**common, num_key_value_heads=1, tie_word_embeddings=False)
+        ),
         "qwen2-bias-tied": lambda: t.Qwen2ForCausalLM(
-            t.Qwen2Config(**common, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True)),
+            t.Qwen2Config(**common, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True)
+        ),
         "qwen3-qknorm-headdim": lambda: t.Qwen3ForCausalLM(
-            t.Qwen3Config(**common, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+            t.Qwen3Config(**common, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+        ),
         "mistral-gqa": lambda: t.MistralForCausalLM(
-            t.MistralConfig(**common, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
-    }  # fmt: skip
+            t.MistralConfig(**common, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)
+        ),
+    }
 
 
 @pytest.mark.parametrize("name", list(_hf_models()))
@@ -76,8 +115,14 @@ def test_reference_reproduces_transformers_logits_on_copied_weights(name):
 
 def test_transformers_configs_gptpar_does_not_implement_are_refused():
     t = transformers
-    base = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2)  # fmt: skip
+    base = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with pytest.raises(GptparConfigError, match="sliding_window=8"):
         config_from_hf(t.MistralConfig(**base, sliding_window=8))
     with pytest.raises(GptparConfigError, match="'yarn'"):
@@ -137,8 +182,11 @@ def test_llama_layout_matches_reference(config, layout, options):
     assert_matches_reference(results, train_reference(config, steps=2), str(layout))
 
 
-PIPES = [("1f1b", ParallelLayout(pp=2), {}), ("zb-h1", ParallelLayout(pp=2), {}),
-         ("1f1b", ParallelLayout(tp=2, pp=2), {"sequence_parallel": True})]  # fmt: skip
+PIPES = [
+    ("1f1b", ParallelLayout(pp=2), {}),
+    ("zb-h1", ParallelLayout(pp=2), {}),
+    ("1f1b", ParallelLayout(tp=2, pp=2), {"sequence_parallel": True}),
+]
 
 
 @pytest.mark.parametrize("schedule, layout, options", PIPES, ids=["pp2-1f1b", "pp2-zbh1", "tp2xpp2-1f1b-sp"])
@@ -185,9 +233,14 @@ def _adamw_clip_steps(config, layout, zero):
         opt = ZeroAdamW(ddp, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, decay=lambda p: p.dim() >= 2)
     else:
         ps = list(model.parameters())
-        opt = torch.optim.AdamW([{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
-                                 {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2,
-                                betas=(0.9, 0.95))  # fmt: skip
+        opt = torch.optim.AdamW(
+            [
+                {"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=1e-2,
+            betas=(0.9, 0.95),
+        )
     per = 4 // st.dp.size
     norms = []
     for step in range(3):
@@ -205,9 +258,14 @@ def _adamw_clip_steps(config, layout, zero):
 def _reference_adamw_clip(config):
     model = GPT(config)
     ps = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
-                             {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2,
-                            betas=(0.9, 0.95))  # fmt: skip
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
     norms = []
     for step in range(3):
         idx, tgt = batch(config, seed=step, b=4)
@@ -219,8 +277,11 @@ def _reference_adamw_clip(config):
     return model.state_dict(), torch.stack(norms)
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(dp=2), ParallelLayout(dp=2, tp=2), ParallelLayout(tp=4)],
-                         ids=["dp2", "dp2xtp2-kv-replicated", "tp4-kv-replicated"])
+@pytest.mark.parametrize(
+    "layout",
+    [ParallelLayout(dp=2), ParallelLayout(dp=2, tp=2), ParallelLayout(tp=4)],
+    ids=["dp2", "dp2xtp2-kv-replicated", "tp4-kv-replicated"],
+)
 def test_adamw_with_clipping_matches_reference_and_zero1_matches_adamw(layout):
     # MQA: at tp >= 2 the one K/V head is replicated; its rows must count once in the global norm
     want_sd, want_norms = _reference_adamw_clip(MQA)

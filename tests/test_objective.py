@@ -51,7 +51,11 @@ def _run(layout, m, schedule):
         chunks = engine.chunks
     else:
         chunks = [ParallelGPT(CONFIG, st)]
-    ddp = DataParallel([p for c in chunks for p in c.parameters()], st, average=False) if st.dp.size * st.cp.size > 1 else None
+    ddp = (
+        DataParallel([p for c in chunks for p in c.parameters()], st, average=False)
+        if st.dp.size * st.cp.size > 1
+        else None
+    )
     if schedule:
         with ddp.no_sync() if ddp else contextlib.nullcontext():
             loss = engine.step(idx, tgt, normalizer=count)
@@ -72,12 +76,17 @@ def _run(layout, m, schedule):
 
 
 CASES = [
-    ("m2", ParallelLayout(), 2, None), ("m4", ParallelLayout(), 4, None), ("dp2", ParallelLayout(dp=2), 1, None),
-    ("dp4", ParallelLayout(dp=4), 1, None), ("dp2-m2", ParallelLayout(dp=2), 2, None),
-    ("cp2-dp2", ParallelLayout(cp=2, dp=2), 1, None), ("pp2-gpipe", ParallelLayout(pp=2), 4, "gpipe"),
-    ("pp2-1f1b", ParallelLayout(pp=2), 4, "1f1b"), ("tp2xpp2-1f1b", ParallelLayout(tp=2, pp=2), 2, "1f1b"),
+    ("m2", ParallelLayout(), 2, None),
+    ("m4", ParallelLayout(), 4, None),
+    ("dp2", ParallelLayout(dp=2), 1, None),
+    ("dp4", ParallelLayout(dp=4), 1, None),
+    ("dp2-m2", ParallelLayout(dp=2), 2, None),
+    ("cp2-dp2", ParallelLayout(cp=2, dp=2), 1, None),
+    ("pp2-gpipe", ParallelLayout(pp=2), 4, "gpipe"),
+    ("pp2-1f1b", ParallelLayout(pp=2), 4, "1f1b"),
+    ("tp2xpp2-1f1b", ParallelLayout(tp=2, pp=2), 2, "1f1b"),
     ("dp2xpp2-1f1b", ParallelLayout(dp=2, pp=2), 2, "1f1b"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("layout, m, schedule", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

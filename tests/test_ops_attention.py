@@ -35,8 +35,13 @@ def test_causal_bounds_are_exact_for_any_position_order():
 
     torch.manual_seed(0)
     zigzag = torch.cat([torch.arange(8, 16), torch.arange(48, 56)])
-    for qp, kp in ((torch.arange(40), torch.arange(40)), (zigzag, torch.arange(64)), (torch.arange(64), zigzag),
-                   (torch.arange(16), torch.arange(30, 54)), (torch.randperm(50), torch.randperm(37))):  # fmt: skip
+    for qp, kp in (
+        (torch.arange(40), torch.arange(40)),
+        (zigzag, torch.arange(64)),
+        (torch.arange(64), zigzag),
+        (torch.arange(16), torch.arange(30, 54)),
+        (torch.randperm(50), torch.randperm(37)),
+    ):
         khi, kfull, qlo, qfull = causal_bounds(qp, kp)
         visible = qp[:, None] >= kp[None, :]
         ki, qi = torch.arange(len(kp)), torch.arange(len(qp))[:, None]

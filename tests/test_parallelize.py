@@ -56,10 +56,14 @@ class Block(nn.Module):
 class NanoGPT(nn.Module):
     def __init__(self, vocab=64, block_size=16, n_layer=2, n_head=4, n_embd=32):
         super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab, n_embd), wpe=nn.Embedding(block_size, n_embd),
-            h=nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer)), ln_f=nn.LayerNorm(n_embd),
-        ))  # fmt: skip
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                h=nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd),
+            )
+        )
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
         for n, p in self.named_parameters():
@@ -83,8 +87,18 @@ def make_hf_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        vocab_size=64,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -130,8 +144,11 @@ def _train(kind, tp, steps=3, sequence_parallel=False):
         history.append((loss.detach(), logits.detach(), grads))
         opt.step()
         opt.zero_grad()
-    weights = _full_params(model, state, grads=False) if tp else {n: _as_linear_layout(n, p.detach(), conv1d_w)
-                                                                   for n, p in model.named_parameters()}  # fmt: skip
+    weights = (
+        _full_params(model, state, grads=False)
+        if tp
+        else {n: _as_linear_layout(n, p.detach(), conv1d_w) for n, p in model.named_parameters()}
+    )
     return history, weights
 
 
@@ -250,8 +267,13 @@ def test_readme_example_runs_under_torchrun(tmp_path):
     assert len(code.strip().splitlines()) <= 22
     script = tmp_path / "example.py"
     script.write_text(code)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"step \d loss ([\d.]+)", res.stdout)]
     assert len(losses) == 5 and losses[-1] < losses[0]

@@ -55,8 +55,10 @@ def test_zero_bubble_is_lower_than_1f1b_with_the_same_memory(p, m):
 
 def test_simulator_detects_deadlock_and_invalid_schedules():
     # rank 0 wants B1 (needs rank 1's B1, which needs F1 from rank 0) before it runs F1: deadlock.
-    bad = [[Action("F", 0), Action("B", 1), Action("F", 1), Action("B", 0)],
-           [Action("F", 0), Action("F", 1), Action("B", 1), Action("B", 0)]]  # fmt: skip
+    bad = [
+        [Action("F", 0), Action("B", 1), Action("F", 1), Action("B", 0)],
+        [Action("F", 0), Action("F", 1), Action("B", 1), Action("B", 0)],
+    ]
     with pytest.raises(RuntimeError, match="schedule deadlocks"):
         simulate(bad)
     with pytest.raises(AssertionError, match="no forward of microbatch 1"):
@@ -100,8 +102,16 @@ def test_profiled_costs_are_measured_per_unit():
 
 # ---------------------------------------------------------------------------------------------- executor
 CONFIG = GPTConfig(vocab_size=64, seq_len=16, n_layer=6, n_head=4, d_model=32)
-UNTIED = GPTConfig(vocab_size=64, seq_len=16, n_layer=4, n_head=4, d_model=32, tie_embeddings=False,
-                   activation="swiglu", norm="rmsnorm")  # fmt: skip
+UNTIED = GPTConfig(
+    vocab_size=64,
+    seq_len=16,
+    n_layer=4,
+    n_head=4,
+    d_model=32,
+    tie_embeddings=False,
+    activation="swiglu",
+    norm="rmsnorm",
+)
 _REF = {}
 
 
@@ -143,9 +153,15 @@ def _check(results, config, steps, label, **ref_kw):
 
 
 PIPE_CASES = [
-    ("gpipe", 2, 1, CONFIG), ("1f1b", 2, 1, UNTIED), ("interleaved", 2, 2, CONFIG), ("zb-h1", 2, 1, CONFIG),
-    ("gpipe", 4, 1, UNTIED), ("1f1b", 4, 1, CONFIG), ("interleaved", 4, 2, CONFIG), ("zb-h1", 4, 1, UNTIED),
-]  # fmt: skip
+    ("gpipe", 2, 1, CONFIG),
+    ("1f1b", 2, 1, UNTIED),
+    ("interleaved", 2, 2, CONFIG),
+    ("zb-h1", 2, 1, CONFIG),
+    ("gpipe", 4, 1, UNTIED),
+    ("1f1b", 4, 1, CONFIG),
+    ("interleaved", 4, 2, CONFIG),
+    ("zb-h1", 4, 1, UNTIED),
+]
 
 
 @pytest.mark.parametrize("schedule, pp, v, config", PIPE_CASES, ids=[f"{s}-pp{p}-v{v}" for s, p, v, _ in PIPE_CASES])
@@ -156,15 +172,17 @@ def test_pipeline_matches_reference_over_three_steps(schedule, pp, v, config):
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 def test_pipeline_with_tensor_parallel_stages(schedule):
-    res = run_distributed(train_pipeline, 4, CONFIG, ParallelLayout(tp=2, pp=2), 3, schedule, 4, 1,
-                          {"sequence_parallel": True})  # fmt: skip
+    res = run_distributed(
+        train_pipeline, 4, CONFIG, ParallelLayout(tp=2, pp=2), 3, schedule, 4, 1, {"sequence_parallel": True}
+    )
     _check(res, CONFIG, 3, f"{schedule} pp=2 x tp=2 (SP)")
 
 
 def test_negotiated_shapes_handle_a_shorter_sequence():
     # The receivers do not know the sequence length (8, not the configured 16): the shape travels first.
-    res = run_distributed(train_pipeline, 2, CONFIG, ParallelLayout(pp=2), 2, "1f1b", 4, 1, {"negotiate_shapes": True},
-                          seq_len=8)  # fmt: skip
+    res = run_distributed(
+        train_pipeline, 2, CONFIG, ParallelLayout(pp=2), 2, "1f1b", 4, 1, {"negotiate_shapes": True}, seq_len=8
+    )
     _check(res, CONFIG, 2, "negotiated shapes, seq 8", seq_len=8)
 
 

@@ -52,8 +52,23 @@ def _measure(layout, sp, zero1, recompute=False):
         optimizer = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
     weights = sum(p.numel() * p.element_size() for p in params)
-    want = memory(CONFIG, layout.tp, layout.pp, layout.dp, layout.cp, 1, B, 1, sp, zero1, 4, 4, 4, rank=st.pp.rank,
-                  recompute=recompute)  # fmt: skip
+    want = memory(
+        CONFIG,
+        layout.tp,
+        layout.pp,
+        layout.dp,
+        layout.cp,
+        1,
+        B,
+        1,
+        sp,
+        zero1,
+        4,
+        4,
+        4,
+        rank=st.pp.rank,
+        recompute=recompute,
+    )
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": acts[0]}, want
 
 
@@ -92,11 +107,29 @@ def test_planner_ranks_layouts_that_fit_and_explains_them():
 
 
 def test_plan_command_prints_a_ranked_table():
-    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "plan", "--params", "1.3B", "--gpus", "16",
-                          "--gpu-mem", "40GB", "--top", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptpar.cli",
+            "plan",
+            "--params",
+            "1.3B",
+            "--gpus",
+            "16",
+            "--gpu-mem",
+            "40GB",
+            "--top",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("1.3B: 1.3") and len(lines) == 5
-    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "plan", "--params", "9Q"], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "gptpar.cli", "plan", "--params", "9Q"], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2 and "gptpar plan: error: --params '9Q'" in res.stderr

@@ -46,11 +46,30 @@ def test_a_restart_never_resumes_another_runs_checkpoint(done, tmp_path, cache):
     out = tmp_path / "out"
     shutil.copytree(done, out)
     other = checkpoint.read_meta(checkpoint.latest(str(out)))["run_id"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "--max-restarts",
-           "1", "-m", "gptpar.train", *SMALL, "--steps", "4", "--eval-every", "0", "--out", str(out), "--cache-dir",
-           cache]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "GPTPAR_TEST_KILL_AT_STEP": "2"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "--max-restarts",
+        "1",
+        "-m",
+        "gptpar.train",
+        *SMALL,
+        "--steps",
+        "4",
+        "--eval-every",
+        "0",
+        "--out",
+        str(out),
+        "--cache-dir",
+        cache,
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "GPTPAR_TEST_KILL_AT_STEP": "2"}
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / ".killed-once").exists()
     assert [r["step"] for r in losses(out)] == [1, 2, 3, 4]  # from scratch, all four steps trained
@@ -60,8 +79,26 @@ def test_a_restart_never_resumes_another_runs_checkpoint(done, tmp_path, cache):
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_and_no_checkpoint_holds_nan(tmp_path, cache):
     out = tmp_path / "out"
-    res = train(out, "--nproc", "2", "--dp", "2", "--lr", "1e6", "--warmup", "0", "--grad-clip", "0",
-                "--max-skips", "3", "--save-every", "1", cache=cache, steps=40, check=False)  # fmt: skip
+    res = train(
+        out,
+        "--nproc",
+        "2",
+        "--dp",
+        "2",
+        "--lr",
+        "1e6",
+        "--warmup",
+        "0",
+        "--grad-clip",
+        "0",
+        "--max-skips",
+        "3",
+        "--save-every",
+        "1",
+        cache=cache,
+        steps=40,
+        check=False,
+    )
     assert res.returncode != 0
     assert "consecutive steps had a non-finite loss or gradient norm" in res.stderr, res.stderr[-2000:]
     log = losses(out)
@@ -99,19 +136,28 @@ def _damaged(done, tmp_path, how):
 
 @pytest.mark.parametrize(
     "how, message",
-    [("overwritten", "rank_00001.pt' is corrupt"), ("truncated", "rank_00001.pt' is corrupt"),
-     ("empty", "rank_00001.pt' is corrupt"), ("missing", "rank_00001.pt' is missing"),
-     ("no-meta", "missing or incomplete (no meta.json)"), ("dangling", "points at 'step_000099'"),
-     ("absolute", "holds '/etc', not a checkpoint folder name")],
-)  # fmt: skip
+    [
+        ("overwritten", "rank_00001.pt' is corrupt"),
+        ("truncated", "rank_00001.pt' is corrupt"),
+        ("empty", "rank_00001.pt' is corrupt"),
+        ("missing", "rank_00001.pt' is missing"),
+        ("no-meta", "missing or incomplete (no meta.json)"),
+        ("dangling", "points at 'step_000099'"),
+        ("absolute", "holds '/etc', not a checkpoint folder name"),
+    ],
+)
 def test_a_damaged_checkpoint_is_refused_naming_the_file(done, tmp_path, cache, how, message):
     out = _damaged(done, tmp_path, how)
     res = train(out, "--nproc", "2", "--tp", "2", "--resume", cache=cache, steps=8, check=False)
     assert res.returncode == 2 and "gptpar train: error: " in res.stderr and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     if how == "overwritten":  # the other tools check it too
-        res = subprocess.run([sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(out), "--out",
-                              str(tmp_path / "x")], capture_output=True, text=True, timeout=300)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(out), "--out", str(tmp_path / "x")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 2 and "is corrupt" in res.stderr
         assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
 
@@ -166,8 +212,24 @@ LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 (a
 
 
 def test_every_socket_of_a_single_machine_run_listens_on_loopback(tmp_path, cache):
-    cmd = [sys.executable, "-m", "gptpar.train", *SMALL, "--steps", "400", "--eval-every", "0", "--out",
-           str(tmp_path / "run"), "--cache-dir", cache, "--nproc", "2", "--tp", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptpar.train",
+        *SMALL,
+        "--steps",
+        "400",
+        "--eval-every",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        cache,
+        "--nproc",
+        "2",
+        "--tp",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -189,17 +251,34 @@ def test_every_socket_of_a_single_machine_run_listens_on_loopback(tmp_path, cach
 
 def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_it(tmp_path, cache):
     t0 = time.time()
-    res = train(tmp_path, "--nproc", "2", "--dp", "2", "--timeout", "6", cache=cache, steps=20, check=False,
-                env={"GPTPAR_TEST_STOP_AT_STEP": "3"})  # fmt: skip
+    res = train(
+        tmp_path,
+        "--nproc",
+        "2",
+        "--dp",
+        "2",
+        "--timeout",
+        "6",
+        cache=cache,
+        steps=20,
+        check=False,
+        env={"GPTPAR_TEST_STOP_AT_STEP": "3"},
+    )
     elapsed = time.time() - t0
     assert res.returncode != 0
-    assert "did not complete within 6s" in res.stderr and "rank(s) [1] stopped answering" in res.stderr, res.stderr[-3000:]
+    assert "did not complete within 6s" in res.stderr and "rank(s) [1] stopped answering" in res.stderr, res.stderr[
+        -3000:
+    ]
     assert elapsed < 45, elapsed  # was a fixed 600 s, 640 s to exit
 
 
 def test_export_refuses_an_existing_target(done, tmp_path):
     (tmp_path / "taken").mkdir()
-    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(done), "--out",
-                          str(tmp_path / "taken")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(done), "--out", str(tmp_path / "taken")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2 and "refusing to overwrite" in res.stderr
     assert sorted(os.listdir(tmp_path)) == ["taken"] and not os.listdir(tmp_path / "taken")  # nothing left behind

@@ -13,8 +13,23 @@ from gptpar import checkpoint
 from gptpar.models.gpt import GPTConfig
 from gptpar.testing import run_distributed
 
-SMALL = ["--n-layer", "2", "--d-model", "64", "--n-head", "4", "--seq-len", "32", "--tokenizer", "bytes",
-         "--batch-size", "8", "--micro-batches", "2", "--no-progress"]  # fmt: skip
+SMALL = [
+    "--n-layer",
+    "2",
+    "--d-model",
+    "64",
+    "--n-head",
+    "4",
+    "--seq-len",
+    "32",
+    "--tokenizer",
+    "bytes",
+    "--batch-size",
+    "8",
+    "--micro-batches",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +38,20 @@ def cache(tmp_path_factory):
 
 
 def train(out, *args, cache=None, env=None, check=True, steps=20):
-    cmd = [sys.executable, "-m", "gptpar.train", *SMALL, "--steps", str(steps), "--eval-every", "10", "--out", str(out),
-           *(["--cache-dir", cache] if cache else []), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptpar.train",
+        *SMALL,
+        "--steps",
+        str(steps),
+        "--eval-every",
+        "10",
+        "--out",
+        str(out),
+        *(["--cache-dir", cache] if cache else []),
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -120,8 +147,12 @@ def test_convert_exports_a_transformers_directory_and_generate_samples(tp2pp2, t
     from gptpar.tools import load_reference
 
     dst = tmp_path / "hf"
-    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "convert", "--ckpt", str(tp2pp2), "--out", str(dst)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "gptpar.cli", "convert", "--ckpt", str(tp2pp2), "--out", str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     hf, info = AutoModelForCausalLM.from_pretrained(str(dst), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -129,11 +160,30 @@ def test_convert_exports_a_transformers_directory_and_generate_samples(tp2pp2, t
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(idx).logits, ref(idx)[0], rtol=1e-5, atol=1e-5)
-    again = subprocess.run([sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(tp2pp2), "--out", str(dst)],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(tp2pp2), "--out", str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
-    res = subprocess.run([sys.executable, "-m", "gptpar.cli", "generate", "--ckpt", str(tp2pp2), "--prompt", "import ",
-                          "--tokens", "30"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptpar.cli",
+            "generate",
+            "--ckpt",
+            str(tp2pp2),
+            "--prompt",
+            "import ",
+            "--tokens",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("import ") and len(res.stdout) > len("import ") + 10
 
@@ -182,8 +232,19 @@ def test_zero1_resume_is_bitwise_identical_and_reshards_to_plain_adamw(tmp_path,
 
 
 def test_crash_during_save_leaves_the_last_checkpoint_loadable(tmp_path, cache):
-    res = train(tmp_path, "--nproc", "2", "--tp", "2", "--save-every", "2", cache=cache, steps=6, check=False,
-                env={checkpoint.CRASH_ENV: "4"})  # fmt: skip
+    res = train(
+        tmp_path,
+        "--nproc",
+        "2",
+        "--tp",
+        "2",
+        "--save-every",
+        "2",
+        cache=cache,
+        steps=6,
+        check=False,
+        env={checkpoint.CRASH_ENV: "4"},
+    )
     assert res.returncode != 0
     folder = checkpoint.latest(str(tmp_path))
     assert folder.endswith("step_000002")
@@ -193,8 +254,20 @@ def test_crash_during_save_leaves_the_last_checkpoint_loadable(tmp_path, cache):
 
 
 def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_path, cache):
-    res = train(tmp_path, "--nproc", "2", "--dp", "2", "--save-every", "2", "--max-restarts", "1", cache=cache,
-                steps=6, env={"GPTPAR_TEST_KILL_AT_STEP": "3"})  # fmt: skip
+    res = train(
+        tmp_path,
+        "--nproc",
+        "2",
+        "--dp",
+        "2",
+        "--save-every",
+        "2",
+        "--max-restarts",
+        "1",
+        cache=cache,
+        steps=6,
+        env={"GPTPAR_TEST_KILL_AT_STEP": "3"},
+    )
     assert res.returncode == 0
     assert os.path.exists(tmp_path / ".killed-once")  # a worker really died
     assert [r["step"] for r in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]  # resumed from step 2, no gaps or repeats
@@ -244,9 +317,14 @@ def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, messag
         if a.startswith("TOML:"):
             (tmp_path / "run.toml").write_text(a[5:] + "\n")
             return str(tmp_path / "run.toml")
-        return {"EMPTY": str(empty), "BADTOML": str(bad), "TINY": str(tmp_path / "tiny.txt"),
-                "SHORTVAL": str(tmp_path / "shortval.txt"), "ODDBIN": str(tmp_path / "odd.bin"),
-                "UNDERFILE": str(tmp_path / "afile" / "run")}.get(a, a)  # fmt: skip
+        return {
+            "EMPTY": str(empty),
+            "BADTOML": str(bad),
+            "TINY": str(tmp_path / "tiny.txt"),
+            "SHORTVAL": str(tmp_path / "shortval.txt"),
+            "ODDBIN": str(tmp_path / "odd.bin"),
+            "UNDERFILE": str(tmp_path / "afile" / "run"),
+        }.get(a, a)
 
     args = [sub(a) for a in args]
     out = tmp_path / "run"
@@ -265,10 +343,27 @@ def test_resume_same_model_continues_and_a_different_model_is_refused(tp2pp2, ca
     before = sorted(os.listdir(tp2pp2 / "checkpoints"))
     log_before = open(tp2pp2 / "log.jsonl").read()
     res = subprocess.run(
-        [sys.executable, "-m", "gptpar.train", *SMALL[:1], "4", *SMALL[2:], "--steps", "40", "--out", str(tp2pp2),
-         "--cache-dir", cache, "--resume", "--nproc", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gptpar.train",
+            *SMALL[:1],
+            "4",
+            *SMALL[2:],
+            "--steps",
+            "40",
+            "--out",
+            str(tp2pp2),
+            "--cache-dir",
+            cache,
+            "--resume",
+            "--nproc",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2
     assert "gptpar train: error: checkpoint" in res.stderr
     assert "was saved for a different model (n_layer: checkpoint 2 vs now 4)" in res.stderr
@@ -332,8 +427,23 @@ def test_llama_checkpoint_reshards_and_generates(llama_runs, tp):
     for k, v in full.items():
         assert torch.equal(sd[k], v), k
     if tp == 1:
-        res = subprocess.run([sys.executable, "-m", "gptpar.cli", "generate", "--ckpt", str(llama_runs[1]), "--prompt",
-                              "def ", "--tokens", "20"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gptpar.cli",
+                "generate",
+                "--ckpt",
+                str(llama_runs[1]),
+                "--prompt",
+                "def ",
+                "--tokens",
+                "20",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("def ") and len(res.stdout) > len("def ") + 5
 
@@ -351,10 +461,15 @@ def _rewind(src, dst, step):
 
 @pytest.mark.parametrize(
     "layout",
-    [["--nproc", "4", "--dp", "4"], ["--nproc", "4", "--tp", "4"], ["--nproc", "2", "--pp", "2"], ["--nproc", "1"],
-     ["--nproc", "2", "--dp", "2", "--zero"]],
+    [
+        ["--nproc", "4", "--dp", "4"],
+        ["--nproc", "4", "--tp", "4"],
+        ["--nproc", "2", "--pp", "2"],
+        ["--nproc", "1"],
+        ["--nproc", "2", "--dp", "2", "--zero"],
+    ],
     ids=["dp4", "tp4", "pp2", "tp1", "dp2-zero1"],
-)  # fmt: skip
+)
 def test_resume_at_another_layout_continues_the_uninterrupted_curve(single, tp2pp2, tmp_path, cache, layout):
     # tp2 x pp2 saved at step 10 with AdamW; the moments and step count move to the new layout with the
     # weights (they used to start fresh: loss +0.7 two steps later)

@@ -72,7 +72,16 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
-        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "ffn_hidden", "n_kv_head", "vocab_multiple"):
+        for name in (
+            "vocab_size",
+            "seq_len",
+            "n_layer",
+            "n_head",
+            "d_model",
+            "ffn_hidden",
+            "n_kv_head",
+            "vocab_multiple",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise GptparConfigError(f"{name}={v!r} is invalid: it must be a positive integer")
@@ -99,7 +108,9 @@ class GPTConfig:
                 raise GptparConfigError(f"rope_theta={self.rope_theta} is invalid: it must be positive")
         if self.rope_scaling is not None:
             if self.position != "rope":
-                raise GptparConfigError(f"rope_scaling={self.rope_scaling} needs position='rope' (got {self.position!r})")
+                raise GptparConfigError(
+                    f"rope_scaling={self.rope_scaling} needs position='rope' (got {self.position!r})"
+                )
             keys = set(self.rope_scaling)
             if keys != set(ROPE_SCALING_KEYS):
                 raise GptparConfigError(
@@ -159,12 +170,15 @@ class GPTConfig:
         qkv = local_length(self.q_size + 2 * self.kv_size, self.qkv_chunks, tp)
         block = (
             2 * norm
-            + qkv * h + (qkv if self.qkv_bias else 0)  # q|k|v, column
+            + qkv * h
+            + (qkv if self.qkv_bias else 0)  # q|k|v, column
             + (2 * self.head_dim if self.qk_norm else 0)
-            + (self.q_size * h) // tp + h * b  # attention projection, row (bias replicated)
+            + (self.q_size * h) // tp
+            + h * b  # attention projection, row (bias replicated)
             + (fc_out * h + fc_out * b) // tp  # fc (gate|up), column
-            + (f * h) // tp + h * b  # MLP projection, row
-        )  # fmt: skip
+            + (f * h) // tp
+            + h * b  # MLP projection, row
+        )
         wpe = self.seq_len * h if self.position == "learned" else 0
         return {"embedding": v * h // tp + wpe, "block": block, "norm": norm, "head": v * h // tp}
 
@@ -184,26 +198,94 @@ PRESETS: dict[str, dict] = {
 }
 _LLAMA = dict(position="rope", activation="swiglu", norm="rmsnorm", bias=False, tie_embeddings=False)
 _LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-PRESETS.update({  # the published configs' shapes (config.json of each model)
-    # a CPU-sized Llama 3 for tests and the demo: GQA (8 query heads, 2 K/V heads), scaled RoPE
-    "llama-tiny": dict(vocab_size=512, seq_len=128, n_layer=4, n_head=8, n_kv_head=2, d_model=128, ffn_hidden=352,
-                       rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, **_LLAMA),
-    "smollm-135m": dict(vocab_size=49152, seq_len=2048, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
-                        ffn_hidden=1536, **{**_LLAMA, "tie_embeddings": True}),
-    "tinyllama-1.1b": dict(vocab_size=32000, seq_len=2048, n_layer=22, n_head=32, n_kv_head=4, d_model=2048,
-                           ffn_hidden=5632, **_LLAMA),
-    "qwen2.5-0.5b": dict(vocab_size=151936, seq_len=32768, n_layer=24, n_head=14, n_kv_head=2, d_model=896,
-                         ffn_hidden=4864, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
-                         **{**_LLAMA, "tie_embeddings": True}),
-    "llama3-8b": dict(vocab_size=128256, seq_len=8192, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
-                      ffn_hidden=14336, rope_theta=500000.0, **_LLAMA),
-    "llama3.1-8b": dict(vocab_size=128256, seq_len=131072, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
-                        ffn_hidden=14336, rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, **_LLAMA),
-    "mistral-7b": dict(vocab_size=32768, seq_len=32768, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
-                       ffn_hidden=14336, rope_theta=1000000.0, **_LLAMA),  # v0.3: no sliding window
-    "llama3-70b": dict(vocab_size=128256, seq_len=8192, n_layer=80, n_head=64, n_kv_head=8, d_model=8192,
-                       ffn_hidden=28672, rope_theta=500000.0, **_LLAMA),
-})  # fmt: skip
+PRESETS.update(
+    {  # the published configs' shapes (config.json of each model)
+        # a CPU-sized Llama 3 for tests and the demo: GQA (8 query heads, 2 K/V heads), scaled RoPE
+        "llama-tiny": dict(
+            vocab_size=512,
+            seq_len=128,
+            n_layer=4,
+            n_head=8,
+            n_kv_head=2,
+            d_model=128,
+            ffn_hidden=352,
+            rope_theta=500000.0,
+            rope_scaling=_LLAMA3_SCALING,
+            **_LLAMA,
+        ),
+        "smollm-135m": dict(
+            vocab_size=49152,
+            seq_len=2048,
+            n_layer=30,
+            n_head=9,
+            n_kv_head=3,
+            d_model=576,
+            ffn_hidden=1536,
+            **{**_LLAMA, "tie_embeddings": True},
+        ),
+        "tinyllama-1.1b": dict(
+            vocab_size=32000, seq_len=2048, n_layer=22, n_head=32, n_kv_head=4, d_model=2048, ffn_hidden=5632, **_LLAMA
+        ),
+        "qwen2.5-0.5b": dict(
+            vocab_size=151936,
+            seq_len=32768,
+            n_layer=24,
+            n_head=14,
+            n_kv_head=2,
+            d_model=896,
+            ffn_hidden=4864,
+            rope_theta=1000000.0,
+            norm_eps=1e-6,
+            qkv_bias=True,
+            **{**_LLAMA, "tie_embeddings": True},
+        ),
+        "llama3-8b": dict(
+            vocab_size=128256,
+            seq_len=8192,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=8,
+            d_model=4096,
+            ffn_hidden=14336,
+            rope_theta=500000.0,
+            **_LLAMA,
+        ),
+        "llama3.1-8b": dict(
+            vocab_size=128256,
+            seq_len=131072,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=8,
+            d_model=4096,
+            ffn_hidden=14336,
+            rope_theta=500000.0,
+            rope_scaling=_LLAMA3_SCALING,
+            **_LLAMA,
+        ),
+        "mistral-7b": dict(
+            vocab_size=32768,
+            seq_len=32768,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=8,
+            d_model=4096,
+            ffn_hidden=14336,
+            rope_theta=1000000.0,
+            **_LLAMA,
+        ),  # v0.3: no sliding window
+        "llama3-70b": dict(
+            vocab_size=128256,
+            seq_len=8192,
+            n_layer=80,
+            n_head=64,
+            n_kv_head=8,
+            d_model=8192,
+            ffn_hidden=28672,
+            rope_theta=500000.0,
+            **_LLAMA,
+        ),
+    }
+)
 
 
 def preset(name: str, **overrides) -> GPTConfig:

@@ -33,12 +33,24 @@ from gptpar.sharding import shard_tensor
 
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 ARCHITECTURES = ("GPT2LMHeadModel",) + LLAMA_FAMILY
-MODEL_TYPES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-               "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # fmt: skip
+MODEL_TYPES = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
 # tensors some checkpoints carry that are not weights (GPT-2's causal-mask buffers, old Llama's inv_freq)
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "generation_config.json")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default: files of at most 5 GB
 
 
@@ -52,7 +64,9 @@ def architecture(hf_config) -> str:
     by_type = {v: k for k, v in MODEL_TYPES.items()}
     arch = archs[0] if archs else by_type.get(model_type)
     if arch not in ARCHITECTURES:
-        raise GptparConfigError(f"architecture {arch or model_type!r} is not supported; expected one of {ARCHITECTURES}")
+        raise GptparConfigError(
+            f"architecture {arch or model_type!r} is not supported; expected one of {ARCHITECTURES}"
+        )
     return arch
 
 
@@ -83,9 +97,17 @@ def config_from_hf(hf_config, **overrides) -> GPTConfig:
                 raise GptparConfigError(f"GPT-2 config field {name}=True is not supported")
         if not g("scale_attn_weights", True):
             raise GptparConfigError("GPT-2 config field scale_attn_weights=False is not supported")
-        cfg = dict(vocab_size=g("vocab_size"), seq_len=g("n_positions"), n_layer=g("n_layer"), n_head=g("n_head"),
-                   d_model=g("n_embd"), ffn_hidden=g("n_inner") or 4 * g("n_embd"), norm_eps=g("layer_norm_epsilon"),
-                   tie_embeddings=bool(g("tie_word_embeddings", True)), init_std=g("initializer_range", 0.02))  # fmt: skip
+        cfg = dict(
+            vocab_size=g("vocab_size"),
+            seq_len=g("n_positions"),
+            n_layer=g("n_layer"),
+            n_head=g("n_head"),
+            d_model=g("n_embd"),
+            ffn_hidden=g("n_inner") or 4 * g("n_embd"),
+            norm_eps=g("layer_norm_epsilon"),
+            tie_embeddings=bool(g("tie_word_embeddings", True)),
+            init_std=g("initializer_range", 0.02),
+        )
         return GPTConfig(**{**cfg, **overrides})
     if g("hidden_act", "silu") != "silu":
         raise GptparConfigError(f"hidden_act={g('hidden_act')!r} is not supported (SwiGLU with silu)")
@@ -105,19 +127,41 @@ def config_from_hf(hf_config, **overrides) -> GPTConfig:
         qkv_bias = True
     theta, scaling = _rope(hf_config)
     heads = g("num_attention_heads")
-    cfg = dict(vocab_size=g("vocab_size"), seq_len=g("max_position_embeddings"), n_layer=g("num_hidden_layers"),
-               n_head=heads, n_kv_head=g("num_key_value_heads") or heads, d_model=g("hidden_size"),
-               ffn_hidden=g("intermediate_size"), head_dim=g("head_dim") or g("hidden_size") // heads,
-               norm_eps=g("rms_norm_eps"), tie_embeddings=bool(g("tie_word_embeddings", False)), position="rope",
-               rope_theta=theta, rope_scaling=scaling, activation="swiglu", norm="rmsnorm", bias=False,
-               qkv_bias=qkv_bias, qk_norm=arch == "Qwen3ForCausalLM", init_std=g("initializer_range", 0.02))  # fmt: skip
+    cfg = dict(
+        vocab_size=g("vocab_size"),
+        seq_len=g("max_position_embeddings"),
+        n_layer=g("num_hidden_layers"),
+        n_head=heads,
+        n_kv_head=g("num_key_value_heads") or heads,
+        d_model=g("hidden_size"),
+        ffn_hidden=g("intermediate_size"),
+        head_dim=g("head_dim") or g("hidden_size") // heads,
+        norm_eps=g("rms_norm_eps"),
+        tie_embeddings=bool(g("tie_word_embeddings", False)),
+        position="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        activation="swiglu",
+        norm="rmsnorm",
+        bias=False,
+        qkv_bias=qkv_bias,
+        qk_norm=arch == "Qwen3ForCausalLM",
+        init_std=g("initializer_range", 0.02),
+    )
     return GPTConfig(**{**cfg, **overrides})
 
 
 def architecture_of(config: GPTConfig) -> str:
     """The transformers architecture that computes what ``config`` computes (refused when none does)."""
-    gpt2 = dict(position="learned", norm="layernorm", activation="gelu", bias=True, tie_embeddings=True,
-                qk_norm=False, qkv_bias=True)  # fmt: skip
+    gpt2 = dict(
+        position="learned",
+        norm="layernorm",
+        activation="gelu",
+        bias=True,
+        tie_embeddings=True,
+        qk_norm=False,
+        qkv_bias=True,
+    )
     if all(getattr(config, k) == v for k, v in gpt2.items()) and config.n_kv_head == config.n_head:
         return "GPT2LMHeadModel"
     llama = dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False)
@@ -136,25 +180,52 @@ def hf_config_from_gptpar(config: GPTConfig, dtype: torch.dtype = torch.float32,
     token ids)."""
     arch = architecture_of(config)
     out = dict(base or {})
-    out.update({"architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": config.vocab_size,
-                "tie_word_embeddings": config.tie_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
-                "dtype": str(dtype).removeprefix("torch."),
-                "initializer_range": config.init_std})  # fmt: skip
+    out.update(
+        {
+            "architectures": [arch],
+            "model_type": MODEL_TYPES[arch],
+            "vocab_size": config.vocab_size,
+            "tie_word_embeddings": config.tie_embeddings,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
+            "initializer_range": config.init_std,
+        }
+    )
     if arch == "GPT2LMHeadModel":
-        out.update({"n_positions": config.seq_len, "n_layer": config.n_layer, "n_head": config.n_head,
-                    "n_embd": config.d_model, "n_inner": config.ffn_hidden, "layer_norm_epsilon": config.norm_eps,
-                    "activation_function": "gelu_new", "n_ctx": config.seq_len})  # fmt: skip
+        out.update(
+            {
+                "n_positions": config.seq_len,
+                "n_layer": config.n_layer,
+                "n_head": config.n_head,
+                "n_embd": config.d_model,
+                "n_inner": config.ffn_hidden,
+                "layer_norm_epsilon": config.norm_eps,
+                "activation_function": "gelu_new",
+                "n_ctx": config.seq_len,
+            }
+        )
         return out
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling:
         rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, **config.rope_scaling}
     out.pop("rope_scaling", None)
-    out.update({"max_position_embeddings": config.seq_len, "num_hidden_layers": config.n_layer,
-                "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
-                "hidden_size": config.d_model, "intermediate_size": config.ffn_hidden, "head_dim": config.head_dim,
-                "rms_norm_eps": config.norm_eps, "hidden_act": "silu", "rope_theta": config.rope_theta,
-                "rope_parameters": rope, "attention_bias": bool(config.qkv_bias and arch != "Qwen2ForCausalLM"),
-                "mlp_bias": False})  # fmt: skip
+    out.update(
+        {
+            "max_position_embeddings": config.seq_len,
+            "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head,
+            "num_key_value_heads": config.n_kv_head,
+            "hidden_size": config.d_model,
+            "intermediate_size": config.ffn_hidden,
+            "head_dim": config.head_dim,
+            "rms_norm_eps": config.norm_eps,
+            "hidden_act": "silu",
+            "rope_theta": config.rope_theta,
+            "rope_parameters": rope,
+            "attention_bias": bool(config.qkv_bias and arch != "Qwen2ForCausalLM"),
+            "mlp_bias": False,
+        }
+    )
     if arch != "LlamaForCausalLM":
         out.update({"use_sliding_window": False, "sliding_window": None})
     return out
@@ -168,17 +239,30 @@ def hf_sources(config: GPTConfig, arch: str) -> dict[str, list[tuple[str, bool]]
     src: dict[str, list[tuple[str, bool]]] = {}
     if arch == "GPT2LMHeadModel":
         t = "transformer."
-        src.update({"wte.weight": [(t + "wte.weight", False)], "wpe.weight": [(t + "wpe.weight", False)],
-                    "ln_f.weight": [(t + "ln_f.weight", False)], "ln_f.bias": [(t + "ln_f.bias", False)]})  # fmt: skip
+        src.update(
+            {
+                "wte.weight": [(t + "wte.weight", False)],
+                "wpe.weight": [(t + "wpe.weight", False)],
+                "ln_f.weight": [(t + "ln_f.weight", False)],
+                "ln_f.bias": [(t + "ln_f.bias", False)],
+            }
+        )
         for i in range(config.n_layer):
             p, q = f"{t}h.{i}.", f"blocks.{i}."
-            for a, b, tr in (("ln_1", "ln_1", False), ("ln_2", "ln_2", False), ("attn.c_attn", "attn.qkv", True),
-                             ("attn.c_proj", "attn.proj", True), ("mlp.c_fc", "mlp.fc", True),
-                             ("mlp.c_proj", "mlp.proj", True)):  # fmt: skip
+            for a, b, tr in (
+                ("ln_1", "ln_1", False),
+                ("ln_2", "ln_2", False),
+                ("attn.c_attn", "attn.qkv", True),
+                ("attn.c_proj", "attn.proj", True),
+                ("mlp.c_fc", "mlp.fc", True),
+                ("mlp.c_proj", "mlp.proj", True),
+            ):
                 src[f"{q}{b}.weight"] = [(f"{p}{a}.weight", tr)]
                 src[f"{q}{b}.bias"] = [(f"{p}{a}.bias", False)]
     else:
-        src.update({"wte.weight": [("model.embed_tokens.weight", False)], "ln_f.weight": [("model.norm.weight", False)]})
+        src.update(
+            {"wte.weight": [("model.embed_tokens.weight", False)], "ln_f.weight": [("model.norm.weight", False)]}
+        )
         for i in range(config.n_layer):
             p, q = f"model.layers.{i}.", f"blocks.{i}."
             a = p + "self_attn."
@@ -224,8 +308,16 @@ def _pad_vocab(name: str, t: torch.Tensor, config: GPTConfig) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class _StoredTensor:
@@ -392,8 +484,15 @@ def _read_rows(weights: HFWeights, pieces, piece_rows, rows: list[tuple[int, int
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def read_shard(weights: HFWeights, config: GPTConfig, arch: str, specs: dict, tp_size: int, tp_rank: int,
-               into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def read_shard(
+    weights: HFWeights,
+    config: GPTConfig,
+    arch: str,
+    specs: dict,
+    tp_size: int,
+    tp_rank: int,
+    into: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """This tp rank's piece of every parameter in ``specs`` (``name -> (full shape, tp dim, chunks)``), read
     slice by slice. With ``into`` (name -> this rank's parameter), each piece is copied into it as soon as
     it is read, so only one piece is held beyond the parameters."""
@@ -537,9 +636,17 @@ def hf_shapes(config: GPTConfig, arch: str) -> dict[str, list[tuple[str, tuple[i
     return out
 
 
-def write_hf_dir(out: str, config: GPTConfig, tensors, *, dtype: torch.dtype, base_config: dict | None = None,
-                 tokenizer_dir: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
-                 overwrite: bool = False) -> None:  # fmt: skip
+def write_hf_dir(
+    out: str,
+    config: GPTConfig,
+    tensors,
+    *,
+    dtype: torch.dtype,
+    base_config: dict | None = None,
+    tokenizer_dir: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> None:
     """A transformers model directory from ``tensors``: an iterable of ``(gptpar name, full tensor)`` in
     :func:`hf_shapes` order (each consumed and dropped as it comes). Written into ``out.tmp`` and renamed."""
     if os.path.exists(out) and not overwrite:
@@ -561,9 +668,14 @@ def write_hf_dir(out: str, config: GPTConfig, tensors, *, dtype: torch.dtype, ba
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        names = ["model.safetensors"] if len(files) == 1 else [
-            f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]  # fmt: skip
-        writers = [SafetensorsWriter(os.path.join(tmp, fn), entries, dtype) for fn, entries in zip(names, files, strict=True)]
+        names = (
+            ["model.safetensors"]
+            if len(files) == 1
+            else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+        )
+        writers = [
+            SafetensorsWriter(os.path.join(tmp, fn), entries, dtype) for fn, entries in zip(names, files, strict=True)
+        ]
         where = {n: w for w, entries in zip(writers, files, strict=True) for n, _ in entries}
         for name, full in tensors:
             for n, t in hf_tensors_of(config, arch, name, full):
@@ -572,7 +684,10 @@ def write_hf_dir(out: str, config: GPTConfig, tensors, *, dtype: torch.dtype, ba
             w.close()
         if len(files) > 1:
             total = sum(size * int(torch.Size(s).numel()) for entries in files for _, s in entries)
-            index = {"metadata": {"total_size": total}, "weight_map": {n: fn for fn, entries in zip(names, files, strict=True) for n, _ in entries}}  # fmt: skip
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {n: fn for fn, entries in zip(names, files, strict=True) for n, _ in entries},
+            }
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -611,8 +726,9 @@ def to_hf(model: nn.Module, state, path: str, *, dtype: torch.dtype | None = Non
                 yield name, full
 
     if state.rank == 0:
-        write_hf_dir(path, model.config, tensors(), dtype=dtype, base_config=hf.get("config"),
-                     tokenizer_dir=hf.get("path"), **kw)  # fmt: skip
+        write_hf_dir(
+            path, model.config, tensors(), dtype=dtype, base_config=hf.get("config"), tokenizer_dir=hf.get("path"), **kw
+        )
     else:
         for _ in tensors():
             pass

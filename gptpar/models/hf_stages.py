@@ -117,8 +117,14 @@ class HFCausalLMStage(nn.Module):
         args = dict(config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
         return {k: make[k](**args) for k in kinds}
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100, *,
-                loss_normalizer: torch.Tensor | float | None = None):  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        *,
+        loss_normalizer: torch.Tensor | float | None = None,
+    ):
         if self.is_first:
             h = self.embed(x)
         else:
@@ -135,16 +141,23 @@ class HFCausalLMStage(nn.Module):
                 if self.family == "gpt2":
                     out = layer(h, None, mask, use_cache=False, position_ids=pos)
                 else:
-                    out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos,
-                                past_key_values=None, use_cache=False)  # fmt: skip
+                    out = layer(
+                        h,
+                        attention_mask=mask,
+                        position_embeddings=pe,
+                        position_ids=pos,
+                        past_key_values=None,
+                        use_cache=False,
+                    )
                 h = out[0] if isinstance(out, tuple) else out
         if not self.is_last:
             return h
         logits = self.head(self.norm(h))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
-                               reduction="sum")  # fmt: skip
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
+        )
         norm = loss_normalizer if loss_normalizer is not None else (targets != ignore_index).sum().clamp(min=1)
         return logits, loss / norm
 
@@ -160,9 +173,11 @@ def hf_unit_costs(model: nn.Module, costs: str = "params", batch: int = 2, seq_l
         return float(sum(p.numel() for m in mods if m is not None for p in m.parameters()))
 
     if costs == "params":
-        return [count(parts.embed, parts.wpe)] + [count(layer) for layer in parts.layers] + [
-            count(parts.norm) + parts.head.weight.numel()
-        ]
+        return (
+            [count(parts.embed, parts.wpe)]
+            + [count(layer) for layer in parts.layers]
+            + [count(parts.norm) + parts.head.weight.numel()]
+        )
     if costs != "profile":
         raise GptparConfigError(f"cost model {costs!r} is unknown for transformers models: 'params' or 'profile'")
     g = torch.Generator().manual_seed(0)
@@ -190,8 +205,9 @@ def hf_unit_costs(model: nn.Module, costs: str = "params", batch: int = 2, seq_l
     return costs_
 
 
-def hf_stages(model: nn.Module, state: ParallelState, v: int = 1, costs: str | list[float] = "params"
-              ) -> tuple[list[HFCausalLMStage], Partition]:  # fmt: skip
+def hf_stages(
+    model: nn.Module, state: ParallelState, v: int = 1, costs: str | list[float] = "params"
+) -> tuple[list[HFCausalLMStage], Partition]:
     """This pp rank's ``v`` chunks of ``model`` (a balanced split of its units over ``pp * v`` virtual
     stages). The layers of other stages are replaced by ``nn.Identity`` in ``model`` so their memory can be
     freed: from here on, run the model through the pipeline engine, not its own forward."""

@@ -71,11 +71,17 @@ class ParallelSelfAttention(nn.Module):
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of this rank's tokens, ditto
         sp = sequence_parallel
         self.qkv = ColumnParallelLinear(
-            config.d_model, config.q_size + 2 * config.kv_size, bias=config.qkv_bias, group=group,
-            chunks=config.qkv_chunks, sequence_parallel=sp,
+            config.d_model,
+            config.q_size + 2 * config.kv_size,
+            bias=config.qkv_bias,
+            group=group,
+            chunks=config.qkv_chunks,
+            sequence_parallel=sp,
             shared_group=state.tp_subgroup(sharing) if sharing > 1 else None,
-        )  # fmt: skip
-        self.proj = RowParallelLinear(config.q_size, config.d_model, bias=config.bias, group=group, sequence_parallel=sp)
+        )
+        self.proj = RowParallelLinear(
+            config.q_size, config.d_model, bias=config.bias, group=group, sequence_parallel=sp
+        )
         if config.qk_norm:  # replicated weights applied to this rank's heads: gradients summed over tp
             self.q_norm = make_norm(config, fused=True, size=config.head_dim)
             self.k_norm = make_norm(config, fused=True, size=config.head_dim)
@@ -103,7 +109,9 @@ class ParallelSelfAttention(nn.Module):
         nh, nkv, hd = self.local_heads, self.local_kv_heads, self.config.head_dim
         qkv = qkv.view(s, b, nh + 2 * nkv, hd)
         if self.config.qk_norm:
-            qkv = torch.cat([self.q_norm(qkv[:, :, :nh]), self.k_norm(qkv[:, :, nh : nh + nkv]), qkv[:, :, nh + nkv :]], 2)
+            qkv = torch.cat(
+                [self.q_norm(qkv[:, :, :nh]), self.k_norm(qkv[:, :, nh : nh + nkv]), qkv[:, :, nh + nkv :]], 2
+            )
         if self.rope is not None:
             qkv = rope_qkv(qkv, *self.rope, nh + nkv)  # q and k heads, one pass (Triton on GPUs)
         q, k, v = (t.permute(1, 2, 0, 3) for t in qkv.split([nh, nkv, nkv], dim=2))  # [b, heads, s, hd]
@@ -317,8 +325,14 @@ class ParallelGPT(nn.Module):
             x = x + self.wpe(pos).unsqueeze(1)
         return sharded_dropout(self.drop, x, self.rng, self.sequence_parallel)
 
-    def head(self, x: torch.Tensor, targets: torch.Tensor | None, seq_len: int, ignore_index: int = -100,
-             loss_normalizer: torch.Tensor | float | None = None):  # fmt: skip
+    def head(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None,
+        seq_len: int,
+        ignore_index: int = -100,
+        loss_normalizer: torch.Tensor | float | None = None,
+    ):
         """Hidden ``[s', b, h]`` -> ``(logits [b, s/cp, V/tp], loss | None)``: the sum of the valid tokens'
         losses (over cp too) divided by their count, or by ``loss_normalizer`` when given (a count over more
         tokens than this call sees: micro-batches, dp ranks). Padded vocabulary columns
@@ -341,8 +355,13 @@ class ParallelGPT(nn.Module):
         count = comm.all_reduce(count.clone(), self.cp)
         return logits, total / count.clamp(min=1)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
-                loss_normalizer: torch.Tensor | float | None = None):  # fmt: skip
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        loss_normalizer: torch.Tensor | float | None = None,
+    ):
         if self.has_embedding:
             seq_len = idx.shape[1]
             x = self.embed(idx)
@@ -391,7 +410,6 @@ def full_param_specs(config: GPTConfig) -> dict[str, tuple[tuple[int, ...], int 
     with torch.device("meta"):
         ref = GPT(config, init_weights=False)
     return {n: (tuple(p.shape), *tp_layout(n, config)) for n, p in ref.named_parameters(remove_duplicate=False)}
-
 
 
 def _specs(model: nn.Module) -> dict[str, tuple[int | None, int]]:

@@ -163,8 +163,28 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
     khi, kfull = causal_bounds(qp, kp)[:2] if causal else (qp, qp)  # (unused when not causal)
     group = kv_group(q, k)
-    _launch(kern.attn_fwd, kern.attn_fwd_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, out, lse, qp, kp, khi, kfull, sq, sk, scale, group, CAUSAL=causal, D=d, UPCAST=upcast_loads(q.dtype), PREC=dot_precision(q.dtype))  # fmt: skip
+    _launch(
+        kern.attn_fwd,
+        kern.attn_fwd_kernel,
+        lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
+        qf,
+        kf,
+        vf,
+        out,
+        lse,
+        qp,
+        kp,
+        khi,
+        kfull,
+        sq,
+        sk,
+        scale,
+        group,
+        CAUSAL=causal,
+        D=d,
+        UPCAST=upcast_loads(q.dtype),
+        PREC=dot_precision(q.dtype),
+    )
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
@@ -185,10 +205,49 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     consts = {"CAUSAL": causal, "D": d, "UPCAST": upcast_loads(q.dtype), "PREC": dot_precision(q.dtype)}
     group = kv_group(q, k)
     bhkv = kf.shape[0]
-    _launch(kern.attn_bwd_dkdv, kern.attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bhkv),
-            qf, kf, vf, dof, lsef, delta, dk, dv, qp, kp, qlo, qfull, sq, sk, scale, group, **consts)  # fmt: skip
-    _launch(kern.attn_bwd_dq, kern.attn_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
-            qf, kf, vf, dof, lsef, delta, dq, qp, kp, khi, kfull, sq, sk, scale, group, **consts)  # fmt: skip
+    _launch(
+        kern.attn_bwd_dkdv,
+        kern.attn_bwd_dkdv_kernel,
+        lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bhkv),
+        qf,
+        kf,
+        vf,
+        dof,
+        lsef,
+        delta,
+        dk,
+        dv,
+        qp,
+        kp,
+        qlo,
+        qfull,
+        sq,
+        sk,
+        scale,
+        group,
+        **consts,
+    )
+    _launch(
+        kern.attn_bwd_dq,
+        kern.attn_bwd_dq_kernel,
+        lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), bh),
+        qf,
+        kf,
+        vf,
+        dof,
+        lsef,
+        delta,
+        dq,
+        qp,
+        kp,
+        khi,
+        kfull,
+        sq,
+        sk,
+        scale,
+        group,
+        **consts,
+    )
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 

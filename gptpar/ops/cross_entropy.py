@@ -26,16 +26,24 @@ def ce_row_stats(logits: torch.Tensor, target: torch.Tensor, start: int):
     n, local_v = logits.shape
     row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
     sum_exp, target_logit = torch.empty_like(row_max), torch.empty_like(row_max)
-    ce_stats_kernel[(n,)](logits, target, row_max, sum_exp, target_logit, logits.stride(0), local_v, start,
-                          BLOCK=_block(local_v))  # fmt: skip
+    ce_stats_kernel[(n,)](
+        logits, target, row_max, sum_exp, target_logit, logits.stride(0), local_v, start, BLOCK=_block(local_v)
+    )
     return row_max, sum_exp, target_logit
 
 
-def ce_grad_(logits: torch.Tensor, target: torch.Tensor, global_max: torch.Tensor, sum_exp: torch.Tensor,
-             d: torch.Tensor, start: int) -> torch.Tensor:  # fmt: skip
+def ce_grad_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    global_max: torch.Tensor,
+    sum_exp: torch.Tensor,
+    d: torch.Tensor,
+    start: int,
+) -> torch.Tensor:
     """In place: ``logits`` becomes the gradient of the per-row losses weighted by ``d [N]`` (fp32)."""
     from gptpar.kernels.cross_entropy import ce_grad_kernel
 
-    ce_grad_kernel[(logits.shape[0],)](logits, target, global_max, sum_exp, d, logits.stride(0), logits.shape[1],
-                                       start, BLOCK=_block(logits.shape[1]))  # fmt: skip
+    ce_grad_kernel[(logits.shape[0],)](
+        logits, target, global_max, sum_exp, d, logits.stride(0), logits.shape[1], start, BLOCK=_block(logits.shape[1])
+    )
     return logits

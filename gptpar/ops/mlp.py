@@ -110,6 +110,7 @@ def act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.
     pre_c, dy_c = pre.contiguous(), dy.contiguous()
     dpre = torch.empty_like(pre_c)
     block = 1024
-    mlp_act_bwd_kernel[(triton.cdiv(m * f, block),)](pre_c, dy_c, dpre, m, f, SWIGLU=activation == "swiglu",
-                                                     BLOCK=block)  # fmt: skip
+    mlp_act_bwd_kernel[(triton.cdiv(m * f, block),)](
+        pre_c, dy_c, dpre, m, f, SWIGLU=activation == "swiglu", BLOCK=block
+    )
     return dpre

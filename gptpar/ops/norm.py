@@ -41,8 +41,21 @@ class _TritonNorm(torch.autograd.Function):
         mean = torch.empty(m, dtype=torch.float32, device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n)
-        norm_fwd_kernel[(m,)](x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0), n, eps,
-                              RMS=rms, HAS_B=bias is not None, BLOCK=block, num_warps=_warps(block))  # fmt: skip
+        norm_fwd_kernel[(m,)](
+            x2,
+            weight,
+            bias if bias is not None else weight,
+            y,
+            mean,
+            rstd,
+            x2.stride(0),
+            n,
+            eps,
+            RMS=rms,
+            HAS_B=bias is not None,
+            BLOCK=block,
+            num_warps=_warps(block),
+        )
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.shape, ctx.block = rms, bias is not None, shape, block
         return y.view(shape)
@@ -59,8 +72,23 @@ class _TritonNorm(torch.autograd.Function):
         groups = -(-m // rows)
         dw = torch.empty(groups, n, dtype=torch.float32, device=x2.device)
         db = torch.empty(groups, n, dtype=torch.float32, device=x2.device)
-        norm_bwd_kernel[(groups,)](x2, weight, dy2, dx, mean, rstd, dw, db, x2.stride(0), m, n, ROWS=rows, RMS=ctx.rms,
-                                   BLOCK=ctx.block, num_warps=_warps(ctx.block))  # fmt: skip
+        norm_bwd_kernel[(groups,)](
+            x2,
+            weight,
+            dy2,
+            dx,
+            mean,
+            rstd,
+            dw,
+            db,
+            x2.stride(0),
+            m,
+            n,
+            ROWS=rows,
+            RMS=ctx.rms,
+            BLOCK=ctx.block,
+            num_warps=_warps(ctx.block),
+        )
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
         return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), dbias, None, None
 

@@ -146,9 +146,14 @@ class _RingAttention(torch.autograd.Function):
             for pair in plan:
                 o, n = pair.q_slice
                 blk_out, blk_lse = attention_forward(
-                    q[..., o : o + n, :], _select(kv[0], pair.k_slices), _select(kv[1], pair.k_slices),
-                    pair.q_pos is not None, pair.q_pos, pair.k_pos, scale,
-                )  # fmt: skip
+                    q[..., o : o + n, :],
+                    _select(kv[0], pair.k_slices),
+                    _select(kv[1], pair.k_slices),
+                    pair.q_pos is not None,
+                    pair.q_pos,
+                    pair.k_pos,
+                    scale,
+                )
                 _merge_(out, lse, blk_out, blk_lse, pair.q_slice)
             if i < p - 1:
                 handle.wait()
@@ -176,10 +181,17 @@ class _RingAttention(torch.autograd.Function):
             for pair in ctx.plans[i]:
                 o, n = pair.q_slice
                 dq_b, dk_b, dv_b = attention_backward(
-                    dout[..., o : o + n, :], q[..., o : o + n, :], _select(kv[0], pair.k_slices),
-                    _select(kv[1], pair.k_slices), out[..., o : o + n, :], lse[..., o : o + n],
-                    pair.q_pos is not None, pair.q_pos, pair.k_pos, ctx.scale,
-                )  # fmt: skip
+                    dout[..., o : o + n, :],
+                    q[..., o : o + n, :],
+                    _select(kv[0], pair.k_slices),
+                    _select(kv[1], pair.k_slices),
+                    out[..., o : o + n, :],
+                    lse[..., o : o + n],
+                    pair.q_pos is not None,
+                    pair.q_pos,
+                    pair.k_pos,
+                    ctx.scale,
+                )
                 dq[..., o : o + n, :] += dq_b
                 at = 0
                 for ko, kn in pair.k_slices:

@@ -156,8 +156,11 @@ class DataParallel:
         groups = state.reduction_ranks()  # with cp > 1: dp x cp, reduced in one pass (see module docstring)
         self.group = state.groups["dp_cp"] if state.cp.size > 1 else state.dp  # made by init_parallel
         self.reduce_dtype, self.error_feedback, self.shard_grads, self.average = (
-            reduce_dtype, error_feedback, shard_grads, average,
-        )  # fmt: skip
+            reduce_dtype,
+            error_feedback,
+            shard_grads,
+            average,
+        )
         p = self.group.size
         ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", state.world_size))
         spans_nodes = len({r // ranks_per_node for r in self.group.ranks}) > 1

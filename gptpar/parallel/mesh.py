@@ -355,9 +355,13 @@ def init_parallel(
         pg = mesh.get_group(d) if len(ranks) > 1 else None
         groups[d] = Group(name=d, pg=pg, ranks=ranks, rank=expected[d], global_rank=my_rank, timeout=timeout)
     groups["world"] = Group(
-        name="world", pg=dist.group.WORLD if ws > 1 else None, ranks=tuple(range(ws)), rank=my_rank,
-        global_rank=my_rank, timeout=timeout,
-    )  # fmt: skip
+        name="world",
+        pg=dist.group.WORLD if ws > 1 else None,
+        ranks=tuple(range(ws)),
+        rank=my_rank,
+        global_rank=my_rank,
+        timeout=timeout,
+    )
     state = ParallelState(
         layout=layout, rank=my_rank, device=device, backend=backend, mesh=mesh, groups=groups, seed=seed
     )

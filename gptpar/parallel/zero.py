@@ -80,16 +80,16 @@ class ZeroAdamW:
         self.t += 1
         lr, wd = self.lr, self.weight_decay
         pending = []
-        for (b, _sl, master, m, v), grad, runs, decayed in zip(self.slices, shards, self.runs, self.decay_runs,
-                                                                  strict=True):  # fmt: skip
+        for (b, _sl, master, m, v), grad, runs, decayed in zip(
+            self.slices, shards, self.runs, self.decay_runs, strict=True
+        ):
             if wd and len(decayed) < len(runs):  # decoupled decay, on the chosen parameters only
                 for s, e in decayed:
                     master[s:e].mul_(1.0 - lr * wd)
                 step_wd = 0.0
             else:
                 step_wd = wd
-            adamw_step_(master, grad, m, v, lr=lr, betas=self.betas, eps=self.eps, weight_decay=step_wd,
-                        step=self.t)  # fmt: skip
+            adamw_step_(master, grad, m, v, lr=lr, betas=self.betas, eps=self.eps, weight_decay=step_wd, step=self.t)
             pending.append((b, comm.all_gather_async(master.to(b.param.dtype), self.ddp.group)))
             b.shard = None
         for b, work in pending:
@@ -139,9 +139,10 @@ class ZeroAdamW:
     @torch.no_grad()
     def load_state_dict(self, d: dict) -> None:
         if len(d["slices"]) != len(self.slices) or any(
-            x.shape != y.shape for got, mine in zip(d["slices"], self.slices, strict=True)
+            x.shape != y.shape
+            for got, mine in zip(d["slices"], self.slices, strict=True)
             for x, y in zip(got, mine[2:], strict=True)
-        ):  # fmt: skip
+        ):
             raise GptparConfigError("ZeroAdamW.load_state_dict: the saved slices do not match this layout's buckets")
         self.t = int(d["t"])
         self.param_groups[0]["lr"] = float(d["lr"])

@@ -31,8 +31,14 @@ from gptpar.errors import GptparConfigError
 
 @runtime_checkable
 class Stage(Protocol):
-    def __call__(self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100, *,
-                 loss_normalizer: torch.Tensor | None = None): ...  # fmt: skip
+    def __call__(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        *,
+        loss_normalizer: torch.Tensor | None = None,
+    ): ...
 
     def hidden_shape(self, batch: int, seq_len: int) -> tuple[int, ...]: ...
 

@@ -16,11 +16,25 @@ def plot_timeline(events_by_rank: list[list[tuple]], path: str, title: str = "pi
     fig, ax = plt.subplots(figsize=(12, 0.6 * p + 1.5))
     for r, events in enumerate(events_by_rank):
         for kind, mb, chunk, t0, t1 in events:
-            ax.barh(p - 1 - r, (t1 - t0) * 1e3, left=t0 * 1e3, height=0.8, color=COLORS.get(kind, "black"),
-                    edgecolor="white", linewidth=0.5)  # fmt: skip
+            ax.barh(
+                p - 1 - r,
+                (t1 - t0) * 1e3,
+                left=t0 * 1e3,
+                height=0.8,
+                color=COLORS.get(kind, "black"),
+                edgecolor="white",
+                linewidth=0.5,
+            )
             if kind != "wait" and (t1 - t0) > 0:
-                ax.text((t0 + t1) / 2 * 1e3, p - 1 - r, f"{kind}{mb}" + (f".{chunk}" if chunk else ""),
-                        ha="center", va="center", fontsize=6, color="white")  # fmt: skip
+                ax.text(
+                    (t0 + t1) / 2 * 1e3,
+                    p - 1 - r,
+                    f"{kind}{mb}" + (f".{chunk}" if chunk else ""),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white",
+                )
     ax.set_yticks(range(p))
     ax.set_yticklabels([f"rank {r}" for r in range(p - 1, -1, -1)])
     ax.set_xlabel("time (ms)")

@@ -149,7 +149,9 @@ def prepare(
             try:
                 tok = Tokenizer.from_file(tokenizer)
             except Exception as e:
-                raise GptparConfigError(f"tokenizer {tokenizer!r} cannot be read by the tokenizers library: {e}") from None
+                raise GptparConfigError(
+                    f"tokenizer {tokenizer!r} cannot be read by the tokenizers library: {e}"
+                ) from None
             vocab = tok.get_vocab_size()
             token_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
             chunks = [text[i : i + 100_000] for i in range(0, len(text), 100_000)]
@@ -164,8 +166,9 @@ def prepare(
             tok = Tokenizer(models.BPE())
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                          show_progress=False)  # fmt: skip
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+            )
             chunks = [text[i : i + 100_000] for i in range(0, len(text), 100_000)]
             tok.train_from_iterator(chunks, trainer)
             tok_path = os.path.join(folder, "tokenizer.json")
@@ -183,8 +186,16 @@ def prepare(
             os.replace(tmp, os.path.join(folder, name))
         tmp = f"{meta_path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"vocab_size": vocab, "tokenizer": "json" if external else tokenizer, "files": len(files),
-                       "tokens": int(len(ids)), "dtype": np.dtype(ids.dtype).name}, f)  # fmt: skip
+            json.dump(
+                {
+                    "vocab_size": vocab,
+                    "tokenizer": "json" if external else tokenizer,
+                    "files": len(files),
+                    "tokens": int(len(ids)),
+                    "dtype": np.dtype(ids.dtype).name,
+                },
+                f,
+            )
         os.replace(tmp, meta_path)
     with open(meta_path) as f:
         meta = json.load(f)

@@ -1,14 +1,10 @@
-"""gptpar next to PyTorch's own parallelism on the same model, in the same run (alternating):
+"""gptpar's tensor parallelism next to PyTorch's own on the same model, in the same run: ``gptpar.parallelize``
+vs ``torch.distributed.tensor.parallel.parallelize_module`` (ColwiseParallel / RowwiseParallel), tp=2, on
+a nanoGPT-style model written for neither and on a transformers ``LlamaForCausalLM`` (RoPE, 8 query / 2
+K/V heads, SwiGLU, untied head): gptpar's built-in plan (from the model's ``base_model_tp_plan``) vs the
+same plan in DTensor. Forward + backward time, bytes sent, peak memory per rank.
 
-* tensor parallel, tp=2: ``gptpar.parallelize`` vs ``torch.distributed.tensor.parallel.parallelize_module``
-  (ColwiseParallel / RowwiseParallel) on one nanoGPT-style model written for neither, and on a transformers
-  ``LlamaForCausalLM`` (RoPE, 8 query / 2 K/V heads, SwiGLU, untied head): gptpar's built-in plan (from the
-  model's ``base_model_tp_plan``) vs the same plan in DTensor;
-* sharded optimizer, dp=2: gptpar ZeRO-1 (``DataParallel(shard_grads=True)`` + ``ZeroAdamW``) vs FSDP2
-  ``fully_shard`` (ZeRO-3) with AdamW: step time and the bytes of weights, gradients and optimizer state
-  each rank keeps between steps.
-
-    python bench/side_by_side.py [--reps 5]
+    python bench/tensor_parallel.py [--reps 5]
 """
 
 from __future__ import annotations
@@ -21,13 +17,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import peak_memory_of
+from common import peak_memory_of, timed_interleaved
 from torch import nn
 
 from gptpar import ParallelLayout, init_parallel, parallelize
 from gptpar.parallel import comm
-from gptpar.parallel.data import DataParallel
-from gptpar.parallel.zero import ZeroAdamW
 from gptpar.parallelize import Colwise, Replicate, Rowwise
 from gptpar.testing import run_distributed
 
@@ -74,9 +68,17 @@ def make_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, rope_theta=500000.0)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -97,8 +99,10 @@ def _dtensor_llama_plan():
     from torch.distributed.tensor import Replicate as DReplicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=DReplicate()),
-            "lm_head": ColwiseParallel(output_layouts=DReplicate())}  # fmt: skip
+    plan = {
+        "model.embed_tokens": RowwiseParallel(input_layouts=DReplicate()),
+        "lm_head": ColwiseParallel(output_layouts=DReplicate()),
+    }
     for i in range(4):
         for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             plan[f"model.layers.{i}.{n}"] = ColwiseParallel()
@@ -108,8 +112,9 @@ def _dtensor_llama_plan():
 
 
 def _time_models(models: dict, idx, reps) -> dict:
-    """Median forward + backward time of each model and the bytes one step sends (gptpar's collectives)."""
-    out = {}
+    """Median forward + backward time of each model (interleaved A B A B ...) and the bytes one step sends
+    (gptpar's collectives)."""
+    steps, sent = {}, {}
     for name, model in models.items():
 
         def step(model=model):
@@ -118,8 +123,9 @@ def _time_models(models: dict, idx, reps) -> dict:
 
         with comm.count_traffic() as t:
             step()
-        out[name] = {"time_s": _timed(step, reps), "bytes": sum(t.values())}
-    return out
+        steps[name], sent[name] = step, sum(t.values())
+    runs = timed_interleaved(steps, reps, barrier=torch.distributed.barrier)
+    return {name: {"time_s": statistics.median(runs[name]), "bytes": sent[name]} for name in models}
 
 
 def _tp_llama(reps, only=None, result=None):
@@ -144,21 +150,14 @@ def _tp_llama(reps, only=None, result=None):
 
 
 TP_PLAN = {
-    "emb": Replicate(), "pos": Replicate(), "head": Replicate(),
-    "blocks.*.attn.qkv": Colwise(chunks=3), "blocks.*.attn.proj": Rowwise(),
-    "blocks.*.fc": Colwise(), "blocks.*.out": Rowwise(),
-}  # fmt: skip
-
-
-def _timed(fn, reps):
-    ts = []
-    for rep in range(reps + 1):
-        torch.distributed.barrier()
-        t0 = time.perf_counter()
-        fn()
-        if rep:
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    "emb": Replicate(),
+    "pos": Replicate(),
+    "head": Replicate(),
+    "blocks.*.attn.qkv": Colwise(chunks=3),
+    "blocks.*.attn.proj": Rowwise(),
+    "blocks.*.fc": Colwise(),
+    "blocks.*.out": Rowwise(),
+}
 
 
 def _tp(reps, only=None, result=None):
@@ -182,8 +181,16 @@ def _tp(reps, only=None, result=None):
             for t in (b.attn.qkv.weight, b.attn.qkv.bias):
                 parts = [x.chunk(2) for x in t.chunk(3)]
                 t.copy_(torch.cat([torch.cat([parts[j][i] for j in range(3)]) for i in range(2)]))
-        parallelize_module(b, st.mesh["tp"], {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
-                                              "fc": ColwiseParallel(), "out": RowwiseParallel()})  # fmt: skip
+        parallelize_module(
+            b,
+            st.mesh["tp"],
+            {
+                "attn.qkv": ColwiseParallel(),
+                "attn.proj": RowwiseParallel(),
+                "fc": ColwiseParallel(),
+                "out": RowwiseParallel(),
+            },
+        )
     if only == "torch":
         return lambda: (theirs(idx).backward(), theirs.zero_grad(set_to_none=True))
     la, lb = ours(idx).item(), theirs(idx).item()
@@ -191,117 +198,63 @@ def _tp(reps, only=None, result=None):
     return _time_models({"gptpar parallelize": ours, "torch parallelize_module": theirs}, idx, reps)
 
 
-def _state_bytes(tensors):
-    total = 0
-    for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
-    return total
-
-
-def _zero(reps, only=None, result=None):
-    from torch.distributed.fsdp import fully_shard
-
-    torch.set_num_threads(1)
-    st = init_parallel(ParallelLayout(dp=2))
-    idx = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(st.rank))
-    torch.manual_seed(0)
-    if only != "torch":
-        ours = Model()
-        ddp = DataParallel(ours, st, shard_grads=True)
-        zopt = ZeroAdamW(ddp, lr=1e-4)
-
-    def ours_step():
-        ours(idx).backward()
-        ddp.finish()
-        zopt.step()
-        ddp.zero_grad()
-
-    if only == "gptpar":
-        return ours_step
-    torch.manual_seed(0)
-    theirs = Model()
-    for b in theirs.blocks:
-        fully_shard(b, mesh=st.mesh["dp"])
-    fully_shard(theirs, mesh=st.mesh["dp"])
-    fopt = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
-
-    def theirs_step():
-        theirs(idx).backward()
-        fopt.step()
-        fopt.zero_grad(set_to_none=False)
-
-    if only == "torch":
-        return theirs_step
-    t_ours, t_theirs = _timed(ours_step, reps), _timed(theirs_step, reps)
-    ours_bytes = {
-        "weights": sum(b.param.numel() * b.param.element_size() for b in ddp.buckets),
-        "gradients": sum(b.grad.numel() * b.grad.element_size() for b in ddp.buckets),
-        "optimizer": zopt.state_bytes(),
-    }
-    theirs_bytes = {
-        "weights": _state_bytes(theirs.parameters()),
-        "gradients": _state_bytes(p.grad for p in theirs.parameters() if p.grad is not None),
-        "optimizer": _state_bytes(v for s in fopt.state.values() for k, v in s.items() if k != "step"),
-    }
-    return {
-        "gptpar ZeRO-1": {"time_s": t_ours, **ours_bytes},
-        "torch FSDP2 (ZeRO-3)": {"time_s": t_theirs, **theirs_bytes},
-    }
-
-
 def _peak(kind, impl):
     """Peak resident bytes of one implementation, built and stepped twice in a fresh process."""
     torch.set_num_threads(1)
-    if kind == "tp_llama":
-        import transformers  # noqa: F401  (imported before the baseline: its ~100 MB are neither side's)
+    if kind == "tp_llama":  # load transformers' modules (lazy, ~150 MB) before the baseline: neither side's
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    def build():
-        res = {}
-        fn = {"tp": _tp, "tp_llama": _tp_llama, "zero": _zero}[kind]
-        step = fn(0, only=impl, result=res)
-        return step
-
-    return peak_memory_of(build)
+        tiny = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=16,
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+            )
+        )
+        ids = torch.zeros(1, 4, dtype=torch.long)
+        tiny(input_ids=ids, labels=ids).loss.backward()
+        del tiny
+    fn = {"tp": _tp, "tp_llama": _tp_llama}[kind]
+    return peak_memory_of(lambda: fn(0, only=impl))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "side_by_side_cpu.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "tensor_parallel_cpu.json"))
     a = ap.parse_args()
     tp = run_distributed(_tp, 2, a.reps, timeout=1200)
     tp_llama = run_distributed(_tp_llama, 2, a.reps, timeout=1200)
-    zero = run_distributed(_zero, 2, a.reps, timeout=1200)
-    names_tp = ("gptpar parallelize", "torch parallelize_module")
-    for kind, res, names in (("tp", tp, names_tp), ("tp_llama", tp_llama, names_tp),
-                             ("zero", zero, ("gptpar ZeRO-1", "torch FSDP2 (ZeRO-3)"))):  # fmt: skip
-        for name, impl in zip(names, ("gptpar", "torch"), strict=True):
+    for kind, res in (("tp", tp), ("tp_llama", tp_llama)):
+        for name, impl in zip(("gptpar parallelize", "torch parallelize_module"), ("gptpar", "torch"), strict=True):
             peak = max(run_distributed(_peak, 2, kind, impl, fresh=True, timeout=600))
             for r in res:
                 r[name]["peak_bytes"] = peak
     date = time.strftime("%Y-%m-%d")
-    print(f"side by side, CPU gloo, {os.cpu_count()} cores, {date}, torch {torch.__version__}")
-    for title, res in (("4-layer GPT, h=256", tp), ("transformers LlamaForCausalLM, 4 layers, h=256, 8 q / 2 K/V heads", tp_llama)):
+    print(f"tensor parallel side by side, CPU gloo, {os.cpu_count()} cores, {date}, torch {torch.__version__}")
+    for title, res in (
+        ("4-layer GPT, h=256", tp),
+        ("transformers LlamaForCausalLM, 4 layers, h=256, 8 q / 2 K/V heads", tp_llama),
+    ):
         print(f"tensor parallel tp=2 ({title}, batch 8 x 128), forward + backward:")
         base = max(r["torch parallelize_module"]["time_s"] for r in res)
         for name in res[0]:
             t = max(r[name]["time_s"] for r in res)
-            sent = f"{res[0][name]['bytes'] / 1e6:8.2f} MB sent/rank" if res[0][name]["bytes"] else "(bytes not counted: DTensor)"
-            print(f"  {name:26s} {t:7.3f} s  {8 * 128 / t:7.0f} tok/s  {base / t:5.2f}x torch  "
-                  f"peak {res[0][name]['peak_bytes'] / 1e6:6.1f} MB/rank  {sent}")  # fmt: skip
-    print("sharded optimizer dp=2, step with AdamW, bytes each rank keeps between steps:")
-    base = max(r["torch FSDP2 (ZeRO-3)"]["time_s"] for r in zero)
-    for name in zero[0]:
-        r0 = zero[0][name]
-        t = max(r[name]["time_s"] for r in zero)
-        print(f"  {name:26s} {t:7.3f} s  {2 * 4 * 128 / t:7.0f} tok/s  {base / t:5.2f}x torch  "
-              f"peak {r0['peak_bytes'] / 1e6:6.1f} MB/rank  weights {r0['weights'] / 1e6:5.2f} MB  "
-              f"grads {r0['gradients'] / 1e6:5.2f} MB  optimizer {r0['optimizer'] / 1e6:5.2f} MB")  # fmt: skip
+            sent = (
+                f"{res[0][name]['bytes'] / 1e6:8.2f} MB sent/rank"
+                if res[0][name]["bytes"]
+                else "(bytes not counted: DTensor)"
+            )
+            print(
+                f"  {name:26s} {t:7.3f} s  {8 * 128 / t:7.0f} tok/s  {base / t:5.2f}x torch  "
+                f"peak {res[0][name]['peak_bytes'] / 1e6:6.1f} MB/rank  {sent}"
+            )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"date": date, "tensor_parallel": tp, "tensor_parallel_llama": tp_llama, "sharded_optimizer": zero},
-                  f, indent=1)
+        json.dump({"date": date, "tensor_parallel": tp, "tensor_parallel_llama": tp_llama}, f, indent=1)
 
 
 if __name__ == "__main__":
