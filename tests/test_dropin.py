@@ -1,5 +1,5 @@
 """Drop-in parallelism on real transformers models, never silently wrong (issue 17's table, row by row):
-GPT-2's real vocabulary 50257 (n_positions 1024), Llama / Qwen2 / Mistral with GQA (2 K/V heads, also at
+GPT-2's real vocabulary 50257 (n_positions 1024), Llama / Qwen2 / Mistral / Qwen3 (q/k norm) with GQA (2 K/V heads, also at
 tp=4: replicated), untied and tied heads, ``pad_token_id=0``, odd vocabularies; logits, every gradient,
 three AdamW steps with clipping and ``generate`` against the original model; sequence parallelism at an
 odd length; save/load; a nanoGPT fork that is not nanoGPT; torch's clip_grad_norm_ caught."""
@@ -17,7 +17,7 @@ from gptpar.parallelize import Colwise, VocabEmbedding, full_tensor
 from gptpar.testing import run_distributed
 
 TOL = dict(rtol=1e-4, atol=2e-6)
-MODELS = ("gpt2", "llama", "qwen2", "mistral")
+MODELS = ("gpt2", "llama", "qwen2", "mistral", "qwen3")
 
 
 def make(kind: str):
@@ -49,6 +49,8 @@ def make(kind: str):
         return tf.LlamaForCausalLM(tf.LlamaConfig(**small, pad_token_id=0, tie_word_embeddings=False))
     if kind == "qwen2":  # q/k/v biases, tied head
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**small, tie_word_embeddings=True, pad_token_id=0))
+    if kind == "qwen3":  # per-head q/k RMSNorm (replicated, gradients summed over tp)
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**small, head_dim=8, tie_word_embeddings=False))
     return tf.MistralForCausalLM(tf.MistralConfig(**small, sliding_window=None, pad_token_id=None))
 
 
