@@ -280,6 +280,37 @@ print(peak - before, held)
 """
 
 
+# gptpar.from_pretrained at tp=8 in one process (a tp group that is never used for a collective: loading
+# needs none): the meta-device model, parallelised, then each parameter read slice by slice.
+FROM_PRETRAINED_MEMORY = r"""
+import datetime, resource, sys, torch
+from gptpar.parallel.mesh import Group, ParallelLayout, ParallelState
+import gptpar
+
+path, tp, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t = datetime.timedelta(seconds=60)
+groups = {"tp": Group("tp", None, tuple(range(tp)), rank, rank, t), "world": Group("world", None, tuple(range(tp)), rank, rank, t)}
+state = ParallelState(layout=ParallelLayout(tp=tp), rank=rank, device=torch.device("cpu"), backend="gloo", mesh=None,
+                      groups=groups)
+import transformers  # its modules (auto classes, the model's code: ~180 MB) load before the baseline
+
+with torch.device("meta"):
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
+
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
+before = status("VmRSS:")
+model = gptpar.from_pretrained(path, state, check_replicas=False)
+peak = status("VmHWM:")
+held = sum(p.numel() * p.element_size() for p in model.parameters())
+print(peak - before, held)
+"""
+
+
 def test_each_rank_reads_only_its_slices_host_memory_near_its_shard(tmp_path):
     from safetensors.torch import save_file
 
@@ -313,6 +344,18 @@ def test_each_rank_reads_only_its_slices_host_memory_near_its_shard(tmp_path):
     grew, held = (int(x) for x in res.stdout.split())
     assert full_bytes >= 8 * held * 0.95  # the model is >= 8x one rank's shard (tp=8)
     assert grew <= 1.5 * held + 16 * 2**20, (grew, held, full_bytes)  # its shard plus slack, never the model
+    # the drop-in path: gptpar.from_pretrained (transformers model on meta, parallelised, slices read)
+    res = subprocess.run(
+        [sys.executable, "-c", FROM_PRETRAINED_MEMORY, str(folder), "8", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    grew, held = (int(x) for x in res.stdout.split())
+    assert full_bytes >= 8 * held * 0.95
+    assert grew <= 1.5 * held + 16 * 2**20, (grew, held, full_bytes)
+    assert grew >= 0.5 * held, (grew, held)  # the measurement sees the shard itself
 
 
 # ---------------------------------------------------------------------------------------------- bad input
