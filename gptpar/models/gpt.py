@@ -341,7 +341,9 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = make_norm(config, size=config.head_dim)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         c = self.config
         q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -353,7 +355,10 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         p = c.dropout if self.training else 0.0
         gqa = c.n_kv_head != c.n_head
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+        else:  # packed documents: causal within each document
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, s, c.q_size)))
 
 
@@ -378,13 +383,15 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x: torch.Tensor, rope=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """Reference GPT. ``forward(idx [b, s], targets [b, s] | None) -> (logits [b, s, V], mean loss | None)``."""
+    """Reference GPT. ``forward(idx [b, s], targets [b, s] | None) -> (logits [b, s, V], mean loss | None)``.
+    ``doc_ids [b, s]`` (packed documents, non-decreasing along s): attention stops at document boundaries
+    and positions restart at each document, so each document is computed as if alone."""
 
     def __init__(self, config: GPTConfig, seed: int = 1234, init_weights: bool = True) -> None:
         super().__init__()
@@ -401,16 +408,31 @@ class GPT(nn.Module):
         if init_weights:
             init_gpt_weights(self, config, seed)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        doc_ids: torch.Tensor | None = None,
+    ):
         check_sequence(idx, self.config)
-        pos = torch.arange(idx.shape[1], device=idx.device)
+        mask = None
+        if doc_ids is None:
+            pos = torch.arange(idx.shape[1], device=idx.device)
+        else:
+            from gptpar.ops.attention import check_documents, document_mask, document_positions
+
+            check_documents(doc_ids, idx)
+            pos, mask = document_positions(doc_ids), document_mask(doc_ids)
         x = self.wte(idx)
         rope = rope_for(self.config, pos, x.device)
         if rope is None:
             x = x + self.wpe(pos)
+        elif doc_ids is not None:  # [b, s, d/2] tables against q, k [b, heads, s, d]
+            rope = tuple(t.unsqueeze(1) for t in rope)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, mask)
         logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # padded rows never leave
         loss = None
         if targets is not None:

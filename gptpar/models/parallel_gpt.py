@@ -69,6 +69,7 @@ class ParallelSelfAttention(nn.Module):
         self.local_kv_heads, sharing = head_split(config.n_kv_head, group.size)
         self.shards: list[SeqShard] | None = None  # set by ParallelGPT.forward for the current sequence
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of this rank's tokens, ditto
+        self.doc_mask: torch.Tensor | None = None  # [b, 1, s, s] packed documents' mask, ditto
         sp = sequence_parallel
         self.qkv = ColumnParallelLinear(
             config.d_model,
@@ -96,12 +97,14 @@ class ParallelSelfAttention(nn.Module):
                 return ulysses_attention(q, k, v, self.cp, self.shards, causal=True)
             return ring_attention(q, k, v, self.cp, self.shards, causal=True)[0]
         gqa = k.shape[1] != q.shape[1]
+        # causal, or causal within each packed document
+        mask = {"is_causal": True} if self.doc_mask is None else {"attn_mask": self.doc_mask}
         if p > 0.0:  # attention dropout: SDPA, on this tp rank's own RNG stream (its heads' masks are its own)
             with self.rng.fork() if self.rng is not None else contextlib.nullcontext():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa, **mask)
         # One rank holds the whole sequence and needs no log-sum-exp: torch's fused SDPA kernel (it saves the
         # same q, k, v, out and lse as gptpar.ops.attention, and is faster than the matmul reference op).
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -311,18 +314,21 @@ class ParallelGPT(nn.Module):
         local = seq_len // self.cp.size // (self.tp.size if self.sequence_parallel else 1)
         return (local, batch, self.config.d_model)
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx [b, s]`` -> hidden ``[s', b, h]`` for this rank's tokens."""
+    def embed(self, idx: torch.Tensor, doc_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``idx [b, s]`` -> hidden ``[s', b, h]`` for this rank's tokens (``doc_pos [s, b]``: positions
+        within packed documents)."""
         check_sequence(idx, self.config)
         pos = self._shards(idx.shape[1])[self.cp.rank].positions(idx.device)
         if self.cp.size > 1:
             idx = idx.index_select(1, pos)
         x = self.wte(idx.t())  # [s', b, h]; reduce-scattered along s with SP
         if self.config.position == "learned":
+            if doc_pos is not None:
+                pos = doc_pos
             if self.sequence_parallel:
                 n = x.shape[0]
                 pos = pos[self.tp.rank * n : (self.tp.rank + 1) * n]
-            x = x + self.wpe(pos).unsqueeze(1)
+            x = x + (self.wpe(pos) if doc_pos is not None else self.wpe(pos).unsqueeze(1))
         return sharded_dropout(self.drop, x, self.rng, self.sequence_parallel)
 
     def head(
@@ -361,18 +367,37 @@ class ParallelGPT(nn.Module):
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
         loss_normalizer: torch.Tensor | float | None = None,
+        doc_ids: torch.Tensor | None = None,
     ):
+        """``doc_ids [b, s]`` (every pipeline stage gets them): packed documents, non-decreasing along s;
+        attention stops at their boundaries and positions restart at each (as :class:`GPT`)."""
+        doc_pos = doc_mask = None
+        if doc_ids is not None:
+            from gptpar.ops.attention import document_mask, document_positions
+
+            if self.cp.size > 1:
+                raise GptparConfigError(
+                    "document masking (doc_ids) with context parallelism (cp > 1) is not implemented yet; "
+                    "use tp, SP and pp, or cp without doc_ids"
+                )
+            doc_ids = doc_ids.to(self.state.device)
+            doc_pos, doc_mask = document_positions(doc_ids).t(), document_mask(doc_ids)  # [s, b], [b, 1, s, s]
         if self.has_embedding:
             seq_len = idx.shape[1]
-            x = self.embed(idx)
+            if doc_ids is not None:
+                from gptpar.ops.attention import check_documents
+
+                check_documents(doc_ids, idx)
+            x = self.embed(idx, doc_pos)
         else:  # a later pipeline stage: idx is the hidden state [s', b, h]
             x = idx
             seq_len = x.shape[0] * self.cp.size * (self.tp.size if self.sequence_parallel else 1)
         shards = self._shards(seq_len)
         # rotary tables at this rank's tokens' global positions (the whole cp shard: SP gathers it first)
-        rope = rope_for(self.config, shards[self.cp.rank].positions(), self.state.device) if self.blocks else None
+        positions = shards[self.cp.rank].positions() if doc_pos is None else doc_pos
+        rope = rope_for(self.config, positions, self.state.device) if self.blocks else None
         for block in self.blocks.values():
-            block.attn.shards, block.attn.rope = shards, rope
+            block.attn.shards, block.attn.rope, block.attn.doc_mask = shards, rope, doc_mask
             if self.recompute and self.training and torch.is_grad_enabled():
                 # Full-layer recomputation: keep only each block's input; the backward re-runs the block
                 # (its collectives included, in the same order on every rank).

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from gptpar.errors import GptparConfigError
 from gptpar.ops.dispatch import dot_precision, interpreting, upcast_loads, use_triton
 
 
@@ -299,3 +300,30 @@ def attention(
     """Differentiable attention returning ``(out, lse)``; saves only q, k, v, out, lse for backward
     (the probabilities are recomputed), like FlashAttention."""
     return _Attention.apply(q, k, v, causal, q_pos, k_pos, scale)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at each document: ``doc_ids [b, s]`` (non-decreasing along s: packed
+    documents) -> ``[b, s]`` int64, each token's index within its own document."""
+    s = doc_ids.shape[-1]
+    idx = torch.arange(s, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - first
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention within documents: ``doc_ids [b, s]`` -> boolean ``[b, 1, s, s]``, True where query
+    i may see key j (``j <= i`` and the same document)."""
+    s = doc_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)).logical_and(causal).unsqueeze(1)
+
+
+def check_documents(doc_ids: torch.Tensor, idx: torch.Tensor) -> None:
+    """Refuse document ids that do not describe packed documents of ``idx [b, s]``."""
+    if doc_ids.shape != idx.shape:
+        raise GptparConfigError(f"doc_ids {tuple(doc_ids.shape)} must have the token ids' shape {tuple(idx.shape)}")
+    if doc_ids.dtype.is_floating_point or (doc_ids[..., 1:] < doc_ids[..., :-1]).any():
+        raise GptparConfigError("doc_ids must be integers, non-decreasing along the sequence (packed documents)")

@@ -45,8 +45,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
 
 
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin [s, d/2]`` fp32 for token ``positions [s]``."""
-    freqs = positions.to(device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    """``cos, sin [..., d/2]`` fp32 for token ``positions [...]`` (``[s]``, or ``[b, s]`` per token)."""
+    freqs = positions.to(device=inv_freq.device, dtype=torch.float32)[..., None] * inv_freq.float()
     return freqs.cos(), freqs.sin()
 
 
@@ -98,7 +98,14 @@ def _triton_ok(x: torch.Tensor) -> bool:
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor:
     """Rotate the first ``n_rot`` heads (q and k) of ``qkv [s, b, H, d]`` by ``cos, sin [s, d/2]`` (each
-    sequence row's own position); the other heads (v) pass through. Differentiable; no collectives."""
+    sequence row's own position) or ``[s, b, d/2]`` (each token's own: packed documents restart their
+    positions); the other heads (v) pass through. Differentiable; no collectives."""
+    if cos.dim() == 3:  # per token: the same kernel over s*b rows of one sequence each
+        s, b, h, d = qkv.shape
+        if cos.shape != (s, b, d // 2):
+            raise GptparConfigError(f"rope tables {tuple(cos.shape)} do not fit qkv {tuple(qkv.shape)}: [s, b, d/2]")
+        flat = rope_qkv(qkv.reshape(s * b, 1, h, d), cos.reshape(s * b, d // 2), sin.reshape(s * b, d // 2), n_rot)
+        return flat.view(s, b, h, d)
     if cos.shape != (qkv.shape[0], qkv.shape[-1] // 2):
         raise GptparConfigError(f"rope tables {tuple(cos.shape)} do not fit qkv {tuple(qkv.shape)}: [s, d/2] needed")
     if _triton_ok(qkv):

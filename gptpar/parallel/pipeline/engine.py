@@ -105,6 +105,7 @@ class PipelineEngine:
         loss_scale: float = 1.0,
         normalizer: torch.Tensor | float | None = None,
         ignore_index: int = -100,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Forward + backward of the batch ``idx, targets [B, s]`` (``B % m == 0``) in ``m`` microbatches.
         The loss is token-weighted: each microbatch contributes the sum of its tokens' losses over
@@ -112,8 +113,10 @@ class PipelineEngine:
         parallelism pass the global count, :func:`gptpar.parallel.data.global_token_count`, and reduce
         with ``DataParallel(average=False)``), so uneven masks weigh every token alike. Backward starts from
         that share times ``loss_scale`` (fp16 loss scaling). Returns the (unscaled) loss, the sum of the
-        shares, the same on every pp rank."""
+        shares, the same on every pp rank. ``doc_ids [B, s]`` (packed documents) reach every stage, split like
+        the batch, as ``chunk(..., doc_ids=...)``."""
         mb_idx, mb_tgt = self._split(idx, targets)
+        side = self._side(doc_ids)
         norm = self._normalizer(targets, normalizer, ignore_index)
         stats = StepStats()
         store: dict[tuple[int, int], tuple] = {}
@@ -158,11 +161,12 @@ class PipelineEngine:
                 hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
                 with hooks if self.measure_memory else contextlib.nullcontext():
                     if vs == self.nvs - 1:
-                        _, loss = chunk(x, mb_tgt[a.mb].to(self.state.device), ignore_index, loss_normalizer=norm)
+                        tgt = mb_tgt[a.mb].to(self.state.device)
+                        _, loss = chunk(x, tgt, ignore_index, loss_normalizer=norm, **side(a.mb))
                         losses.append(loss.detach())
                         y = loss * loss_scale
                     else:
-                        y = chunk(x)
+                        y = chunk(x, **side(a.mb))
                         self.p2p.send(y.detach(), (vs + 1) % self.p, self._tag(a.mb, vs, False))
                 store[key] = (x, y)
                 act_bytes[key] = saved[0]
@@ -216,10 +220,27 @@ class PipelineEngine:
         self.dtype = next(first_chunk.parameters()).dtype
         return mb_idx, mb_tgt
 
+    def _side(self, doc_ids: torch.Tensor | None):
+        """Per-microbatch keyword arguments every chunk gets (packed documents' ids), or none."""
+        if doc_ids is None:
+            return lambda mb: {}
+        if doc_ids.shape[0] % self.m:
+            raise GptparConfigError(f"doc_ids batch {doc_ids.shape[0]} is not divisible by micro_batches={self.m}")
+        parts = [d.to(self.state.device) for d in doc_ids.chunk(self.m)]
+        return lambda mb: {"doc_ids": parts[mb]}
+
     @torch.no_grad()
-    def evaluate(self, idx: torch.Tensor, targets: torch.Tensor, normalizer=None, ignore_index: int = -100):
+    def evaluate(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        normalizer=None,
+        ignore_index: int = -100,
+        doc_ids: torch.Tensor | None = None,
+    ):
         """Forward only (no graph kept): the token-weighted loss over the batch, on every pp rank."""
         mb_idx, mb_tgt = self._split(idx, targets)
+        side = self._side(doc_ids)
         norm = self._normalizer(targets, normalizer, ignore_index)
         losses = []
         for mb in range(self.m):
@@ -227,9 +248,10 @@ class PipelineEngine:
                 vs = self._vs(c)
                 x = mb_idx[mb].to(self.state.device) if vs == 0 else self._post(Action("F", mb, c)).wait()
                 if vs == self.nvs - 1:
-                    losses.append(chunk(x, mb_tgt[mb].to(self.state.device), ignore_index, loss_normalizer=norm)[1])
+                    tgt = mb_tgt[mb].to(self.state.device)
+                    losses.append(chunk(x, tgt, ignore_index, loss_normalizer=norm, **side(mb))[1])
                 else:
-                    self.p2p.send(chunk(x), (vs + 1) % self.p, self._tag(mb, vs, False))
+                    self.p2p.send(chunk(x, **side(mb)), (vs + 1) % self.p, self._tag(mb, vs, False))
         self.p2p.wait_sends()
         loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.state.device)
         comm.broadcast(loss, self.state.pp, src=(self.nvs - 1) % self.p)

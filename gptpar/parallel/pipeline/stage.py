@@ -8,6 +8,8 @@ A chunk is one contiguous run of a model's units (virtual stage ``vs`` of ``n``)
 * ``chunk(x, targets, ignore_index, loss_normalizer=n)`` on the last stage: returns ``(output, loss)`` where
   ``loss`` is the sum of the per-token cross-entropies over targets other than ``ignore_index``, divided by
   ``n`` (a scalar tensor: the batch's count of valid targets, so microbatches add up to the token mean);
+* side inputs: when the step is given packed documents' ``doc_ids``, every chunk is also called with
+  ``doc_ids=`` (this microbatch's ``[b, s]`` ids); a chunk that does not take them is not given any;
 * ``chunk.hidden_shape(b, s)``: the shape of the hidden state it exchanges for a microbatch of ``b``
   sequences of ``s`` tokens (every chunk of a pipeline agrees);
 * ``chunk.tied_parameters()``: the tensors this chunk shares with a chunk elsewhere in the pipeline (e.g.
