@@ -91,7 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="address the launcher's rendezvous store listens on (loopback: nothing reachable from other hosts; "
         "multi-node runs use an outer torchrun and `python -m gptpar.train`)",
     )
-    a("--data", help="text file, folder of text files, or nanoGPT .bin (default: this machine's Python stdlib)")
+    a(
+        "--data",
+        help="text file, folder of text files, .jsonl, .parquet, a datasets save_to_disk folder, or nanoGPT .bin "
+        "(default: this machine's Python stdlib); each file or record is one document",
+    )
+    a("--text-field", default="text", help="the text field of .jsonl / .parquet / datasets records")
+    a(
+        "--doc-mask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="attention stops at document boundaries and positions restart per document (default: on when the "
+        "data marks documents)",
+    )
     a(
         "--tokenizer",
         default=None,
@@ -300,7 +312,8 @@ def worker(argv: list[str]) -> None:
     from gptpar.trainer import Trainer
 
     args = parse(argv)
-    corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
+    corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir, text_field=args.text_field)
+    args.doc_mask = doc_masking(args, corpus)
     Trainer(args, resolve(args, args.vocab_size or corpus.vocab_size), corpus).train()
 
 
@@ -324,7 +337,15 @@ def main(argv: list[str] | None = None) -> None:
         from gptpar.corpus import prepare
 
         # Tokenise once here, before any worker starts (they then hit the cache), and validate everything.
-        corpus = prepare(args.data, args.tokenizer, args.vocab, args.cache_dir)
+        corpus = prepare(
+            args.data,
+            args.tokenizer,
+            args.vocab,
+            args.cache_dir,
+            text_field=args.text_field,
+            progress=not args.no_progress,
+        )
+        doc_masking(args, corpus)
         run = resolve(args, args.vocab_size or corpus.vocab_size)
         check_data(corpus, run.model.seq_len, args)
         run_id = prepare_out(args, run)
@@ -332,6 +353,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gptpar train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     launch(run, args, argv, run_id)
+
+
+def doc_masking(args: argparse.Namespace, corpus) -> bool:
+    """Whether attention stops at document boundaries: on by default when the data marks documents (an
+    end-of-text token), off with ``--no-doc-mask``. The objective never depends on the layout: where
+    masking is not implemented yet (cp > 1) it is refused, not silently dropped."""
+    on = corpus.eot is not None if args.doc_mask is None else args.doc_mask
+    if on and corpus.eot is None:
+        raise GptparConfigError(
+            "--doc-mask: the data marks no document boundaries (a pre-tokenised .bin, or a tokenizer.json with no "
+            "end-of-text token)"
+        )
+    if on and args.cp > 1:
+        raise GptparConfigError(
+            f"document masking (on by default: the data has end-of-text tokens) is not implemented with cp={args.cp} "
+            "yet; pass --no-doc-mask to train on windows that attend across documents"
+        )
+    return on
 
 
 def check_data(corpus, seq_len: int, args: argparse.Namespace) -> None:

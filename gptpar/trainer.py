@@ -236,10 +236,10 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.lr_for(step)
         x, y = get_batch(self.corpus.train, self.cfg.seq_len, self.per_dp, args.seed, step, st.dp.rank, st.dp.size)
-        x, y = x.to(st.device), y.to(st.device)
+        x, y, doc = self.documents(x.to(st.device), y.to(st.device))
         count = global_token_count(y, st)  # the loss is sum over valid tokens / this, at every layout
         run = self.pp_forward_backward if self.engine is not None else self.forward_backward
-        loss = run(x, y, count, self.scaler.scale if self.scaler else 1.0)
+        loss = run(x, y, count, self.scaler.scale if self.scaler else 1.0, doc)
         tc = time.perf_counter()
         if self.ddp:
             self.ddp.finish()
@@ -269,24 +269,35 @@ class Trainer:
             g["lr"] = lr
         return lr
 
-    def pp_forward_backward(self, x, y, count, scale: float) -> torch.Tensor:
+    def documents(self, x: torch.Tensor, y: torch.Tensor):
+        """With document masking: each token's document within its window, and no target across a boundary
+        (an end-of-text token's next token starts another document)."""
+        if not getattr(self.args, "doc_mask", False):
+            return x, y, None
+        from gptpar.corpus import document_ids
+
+        eot = self.corpus.eot
+        return x, y.masked_fill(x == eot, -100), document_ids(x, eot)
+
+    def pp_forward_backward(self, x, y, count, scale: float, doc=None) -> torch.Tensor:
         """The pipeline engine's step over the batch's micro-batches (data-parallel sync once, at the end)."""
         sync = self.ddp.no_sync() if self.ddp else contextlib.nullcontext()
         with sync, autocast(self.args.precision, self.st.device.type):
-            loss = self.engine.step(x, y, loss_scale=scale, normalizer=count)
+            loss = self.engine.step(x, y, loss_scale=scale, normalizer=count, doc_ids=doc)
         self.comm_s += self.engine.last_stats.blocked_s
         return loss
 
-    def forward_backward(self, x, y, count, scale: float) -> torch.Tensor:
+    def forward_backward(self, x, y, count, scale: float, doc=None) -> torch.Tensor:
         """Gradient accumulation over the micro-batches; data-parallel reduction overlaps the last one."""
         m = self.run.micro_batches
         xs, ys = x.chunk(m), y.chunk(m)
+        docs = doc.chunk(m) if doc is not None else [None] * m
         total = torch.zeros((), device=self.st.device)
         for i in range(m):
             sync = self.ddp.no_sync() if (self.ddp and i < m - 1) else contextlib.nullcontext()
             with sync:
                 with autocast(self.args.precision, self.st.device.type):
-                    _, loss_i = self.chunks[0](xs[i], ys[i], loss_normalizer=count)
+                    _, loss_i = self.chunks[0](xs[i], ys[i], loss_normalizer=count, doc_ids=docs[i])
                 (loss_i * scale).backward()
             total += loss_i.detach().float()
         return total
@@ -318,8 +329,9 @@ class Trainer:
 
     # -- evaluation, logging, checkpoints
     def evaluate(self) -> float:
-        """Mean validation loss over --eval-batches batches, the same on every rank."""
+        """The token-weighted mean validation loss over --eval-batches batches, the same on every rank."""
         from gptpar.corpus import get_batch
+        from gptpar.parallel.data import global_token_count
 
         args, st = self.args, self.st
         for c in self.chunks:
@@ -327,17 +339,19 @@ class Trainer:
         losses = []
         for i in range(args.eval_batches):
             x, y = get_batch(self.corpus.val, self.cfg.seq_len, self.per_dp, args.seed + 7, i, st.dp.rank, st.dp.size)
+            x, y, doc = self.documents(x.to(st.device), y.to(st.device))
+            count = global_token_count(y, st)  # each batch: its dp shares add up to its token mean
             with torch.no_grad(), autocast(args.precision, st.device.type):
                 if self.engine:
-                    loss = self.engine.evaluate(x, y)
+                    loss = self.engine.evaluate(x, y, normalizer=count, doc_ids=doc)
                 else:
-                    loss = self.chunks[0](x.to(st.device), y.to(st.device))[1]
+                    loss = self.chunks[0](x, y, loss_normalizer=count, doc_ids=doc)[1]
             losses.append(loss.float())
         for c in self.chunks:
             c.train()
-        val = torch.stack(losses).mean()
+        val = torch.stack(losses).sum()
         comm.all_reduce(val, st.dp)
-        return val.item() / st.dp.size
+        return val.item() / args.eval_batches
 
     def progress_bar(self):
         if not self.rank0 or self.args.no_progress:
