@@ -357,18 +357,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def doc_masking(args: argparse.Namespace, corpus) -> bool:
     """Whether attention stops at document boundaries: on by default when the data marks documents (an
-    end-of-text token), off with ``--no-doc-mask``. The objective never depends on the layout: where
-    masking is not implemented yet (cp > 1) it is refused, not silently dropped."""
+    end-of-text token), off with ``--no-doc-mask``; the same at every layout."""
     on = corpus.eot is not None if args.doc_mask is None else args.doc_mask
     if on and corpus.eot is None:
         raise GptparConfigError(
             "--doc-mask: the data marks no document boundaries (a pre-tokenised .bin, or a tokenizer.json with no "
             "end-of-text token)"
-        )
-    if on and args.cp > 1:
-        raise GptparConfigError(
-            f"document masking (on by default: the data has end-of-text tokens) is not implemented with cp={args.cp} "
-            "yet; pass --no-doc-mask to train on windows that attend across documents"
         )
     return on
 

@@ -1,7 +1,7 @@
 """Packed documents (issue 19, model side): with ``doc_ids`` attention stops at document boundaries and
 positions restart per document. The reference GPT on a packed batch equals each document run alone; the
 parallel GPT at tp2, tp2+SP, pp2 (every schedule) and tp2 x pp2 equals the reference on random boundaries
-(loss, logits, every gradient, fp32); context parallelism refuses doc_ids by name."""
+(loss, logits, every gradient, fp32), and so do ring (zig-zag) and Ulysses context parallelism."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from gpt_helpers import close
 from gptpar import GPT, GPTConfig, GptparConfigError, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.models import gather_grads
 from gptpar.parallel import comm
+from gptpar.parallel.data import allreduce_gradients
 from gptpar.testing import run_distributed
 
 LEARNED = GPTConfig(vocab_size=64, seq_len=24, n_layer=4, n_head=4, d_model=32)
@@ -72,15 +73,16 @@ def reference(config):
     )
 
 
-def _parallel(name, layout, schedule=None, sp=False):
+def _parallel(name, layout, schedule=None, sp=False, cp_impl="ring"):
     config = CONFIGS[name]
     st = init_parallel(layout)
     idx, tgt, doc = packed(config)
     if st.pp.size == 1:
-        model = ParallelGPT(config, st, sequence_parallel=sp)
+        model = ParallelGPT(config, st, sequence_parallel=sp, cp_impl=cp_impl)
         logits, loss = model(idx, tgt, doc_ids=doc)
         loss.backward()
-        logits = comm.all_gather(logits.detach(), st.tp, dim=-1)
+        allreduce_gradients(model, st.cp)  # cp ranks hold partial gradients of replicated weights
+        logits = comm.all_gather(logits.detach(), st.tp, dim=-1) if st.cp.size == 1 else None
         return loss.detach(), logits, gather_grads(model, st.tp)
     from gptpar.pipeline import make_pipeline
 
@@ -124,18 +126,23 @@ def test_tp2_x_pp2_with_sequence_parallel_on_packed_documents_matches_the_refere
     _check(run_distributed(_parallel, 4, name, ParallelLayout(tp=2, pp=2), "1f1b", True), name, "tp2xpp2+sp")
 
 
-def _cp_refuses():
-    st = init_parallel(ParallelLayout(cp=2))
-    idx, tgt, doc = packed(LEARNED)
-    try:
-        ParallelGPT(LEARNED, st)(idx, tgt, doc_ids=doc)
-    except GptparConfigError as e:
-        return str(e)
+@pytest.mark.parametrize("cp_impl", ["ring", "ulysses"])
+def test_context_parallel_attention_on_packed_documents_matches_the_reference(cp_impl):
+    """Zig-zag ring (key blocks whose documents do not meet are skipped) and Ulysses, cp2, rotary GQA."""
+    name = "rope-gqa"
+    res = run_distributed(_parallel, 2, name, ParallelLayout(cp=2), None, False, cp_impl)
+    _check(res, name, f"cp2 {cp_impl}")
 
 
-def test_context_parallelism_refuses_document_ids_by_name():
-    for msg in run_distributed(_cp_refuses, 2):
-        assert "document masking (doc_ids) with context parallelism (cp > 1) is not implemented" in msg
+def test_ring_attention_skips_key_blocks_whose_documents_do_not_meet():
+    from gptpar.parallel.context import attention_work, seq_shards
+
+    shards = seq_shards(16, 2, "zigzag")
+    one_doc = torch.zeros(1, 16, dtype=torch.long)
+    short = (torch.arange(16) // 4).unsqueeze(0)  # four documents of 4 tokens: chunks of 4 never meet earlier ones
+    for rank in range(2):
+        assert attention_work(shards, rank, True, short) < attention_work(shards, rank, True, one_doc)
+    assert attention_work(shards, 0, True, one_doc) == attention_work(shards, 0, True)
 
 
 def test_document_ids_that_are_not_packed_documents_are_refused():

@@ -69,7 +69,8 @@ class ParallelSelfAttention(nn.Module):
         self.local_kv_heads, sharing = head_split(config.n_kv_head, group.size)
         self.shards: list[SeqShard] | None = None  # set by ParallelGPT.forward for the current sequence
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of this rank's tokens, ditto
-        self.doc_mask: torch.Tensor | None = None  # [b, 1, s, s] packed documents' mask, ditto
+        self.doc_mask: torch.Tensor | None = None  # [b, 1, s, s] packed documents' mask, ditto (cp == 1)
+        self.doc_ids: torch.Tensor | None = None  # [b, s] packed documents' ids, ditto (for cp > 1)
         sp = sequence_parallel
         self.qkv = ColumnParallelLinear(
             config.d_model,
@@ -94,8 +95,8 @@ class ParallelSelfAttention(nn.Module):
         p = self.config.dropout if self.training else 0.0
         if self.cp.size > 1:
             if self.cp_impl == "ulysses":
-                return ulysses_attention(q, k, v, self.cp, self.shards, causal=True)
-            return ring_attention(q, k, v, self.cp, self.shards, causal=True)[0]
+                return ulysses_attention(q, k, v, self.cp, self.shards, causal=True, doc_ids=self.doc_ids)
+            return ring_attention(q, k, v, self.cp, self.shards, causal=True, doc_ids=self.doc_ids)[0]
         gqa = k.shape[1] != q.shape[1]
         # causal, or causal within each packed document
         mask = {"is_causal": True} if self.doc_mask is None else {"attn_mask": self.doc_mask}
@@ -324,7 +325,7 @@ class ParallelGPT(nn.Module):
         x = self.wte(idx.t())  # [s', b, h]; reduce-scattered along s with SP
         if self.config.position == "learned":
             if doc_pos is not None:
-                pos = doc_pos
+                pos = doc_pos.index_select(0, pos.to(doc_pos.device))  # this cp rank's, within their documents
             if self.sequence_parallel:
                 n = x.shape[0]
                 pos = pos[self.tp.rank * n : (self.tp.rank + 1) * n]
@@ -375,13 +376,10 @@ class ParallelGPT(nn.Module):
         if doc_ids is not None:
             from gptpar.ops.attention import document_mask, document_positions
 
-            if self.cp.size > 1:
-                raise GptparConfigError(
-                    "document masking (doc_ids) with context parallelism (cp > 1) is not implemented yet; "
-                    "use tp, SP and pp, or cp without doc_ids"
-                )
             doc_ids = doc_ids.to(self.state.device)
-            doc_pos, doc_mask = document_positions(doc_ids).t(), document_mask(doc_ids)  # [s, b], [b, 1, s, s]
+            doc_pos = document_positions(doc_ids).t()  # [s, b], the whole sequence's
+            # one rank holds the whole sequence: an SDPA mask; cp > 1: ring/Ulysses take the ids themselves
+            doc_mask = document_mask(doc_ids) if self.cp.size == 1 else None
         if self.has_embedding:
             seq_len = idx.shape[1]
             if doc_ids is not None:
@@ -393,11 +391,15 @@ class ParallelGPT(nn.Module):
             x = idx
             seq_len = x.shape[0] * self.cp.size * (self.tp.size if self.sequence_parallel else 1)
         shards = self._shards(seq_len)
-        # rotary tables at this rank's tokens' global positions (the whole cp shard: SP gathers it first)
-        positions = shards[self.cp.rank].positions() if doc_pos is None else doc_pos
+        # rotary tables at this rank's tokens' global positions (the whole cp shard: SP gathers it first), or
+        # at their positions within their documents
+        positions = shards[self.cp.rank].positions(self.state.device)
+        if doc_pos is not None:
+            positions = doc_pos.index_select(0, positions)
         rope = rope_for(self.config, positions, self.state.device) if self.blocks else None
         for block in self.blocks.values():
-            block.attn.shards, block.attn.rope, block.attn.doc_mask = shards, rope, doc_mask
+            block.attn.shards, block.attn.rope = shards, rope
+            block.attn.doc_mask, block.attn.doc_ids = doc_mask, doc_ids
             if self.recompute and self.training and torch.is_grad_enabled():
                 # Full-layer recomputation: keep only each block's input; the backward re-runs the block
                 # (its collectives included, in the same order on every rank).

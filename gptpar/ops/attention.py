@@ -45,15 +45,22 @@ def _grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-3], hkv, t.shape[-3] // hkv, *t.shape[-2:])
 
 
-def _scores(qf, kf, causal, q_pos, k_pos, scale):
+def _scores(qf, kf, causal, q_pos, k_pos, scale, docs=None):
     """Scaled scores ``q k^T`` and the visibility mask ``[sq, sk]`` (None when nothing is masked). ``qf`` is
-    grouped ``[..., hkv, g, sq, d]``, ``kf`` ``[..., hkv, 1, sk, d]``."""
+    grouped ``[..., hkv, g, sq, d]``, ``kf`` ``[..., hkv, 1, sk, d]``. ``docs``: ``(q_doc [b, sq], k_doc
+    [b, sk])`` packed documents' ids: a key is visible only within its query's document (mask
+    ``[b, 1, 1, sq, sk]``)."""
     scale = 1.0 / math.sqrt(qf.shape[-1]) if scale is None else scale
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    if not causal:
-        return s, None
     dev = qf.device
-    return s, _positions(qf.shape[-2], q_pos, dev).view(-1, 1) >= _positions(kf.shape[-2], k_pos, dev).view(1, -1)
+    mask = None
+    if causal:
+        mask = _positions(qf.shape[-2], q_pos, dev).view(-1, 1) >= _positions(kf.shape[-2], k_pos, dev).view(1, -1)
+    if docs is not None:
+        q_doc, k_doc = (d.to(dev) for d in docs)
+        same = (q_doc.unsqueeze(-1) == k_doc.unsqueeze(-2))[:, None, None]
+        mask = same if mask is None else same & mask
+    return s, mask
 
 
 def reference_attention_forward(
@@ -64,13 +71,14 @@ def reference_attention_forward(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
     scale: float | None = None,
+    docs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch attention forward, accumulating in fp32 (or the inputs' dtype if wider); returns
-    ``(out in q's dtype, lse)``."""
+    ``(out in q's dtype, lse)``. ``docs``: ``(q_doc, k_doc)`` to attend only within documents."""
     acc = _acc(q)
     kv_group(q, k)
     hkv = k.shape[-3]
-    s, mask = _scores(_grouped(q.to(acc), hkv), k.to(acc).unsqueeze(-3), causal, q_pos, k_pos, scale)
+    s, mask = _scores(_grouped(q.to(acc), hkv), k.to(acc).unsqueeze(-3), causal, q_pos, k_pos, scale, docs)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
@@ -91,6 +99,7 @@ def reference_attention_backward(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
     scale: float | None = None,
+    docs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q, k/v block) pair given the final ``out``/``lse`` of the rows of ``q``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -100,7 +109,7 @@ def reference_attention_backward(
     qf, dof = _grouped(q.to(acc), hkv), _grouped(dout.to(acc), hkv)
     kf, vf = k.to(acc).unsqueeze(-3), v.to(acc).unsqueeze(-3)
     lse = _grouped(lse.unsqueeze(-1), hkv).squeeze(-1)
-    s, mask = _scores(qf, kf, causal, q_pos, k_pos, scale)
+    s, mask = _scores(qf, kf, causal, q_pos, k_pos, scale, docs)
     safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # p = 0 on empty rows
     p = torch.exp(s - safe_lse.unsqueeze(-1))
     if mask is not None:
@@ -258,26 +267,27 @@ def _triton(q: torch.Tensor) -> bool:
     return use_triton(q) and d in (16, 32, 64, 128) and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
-    """Dispatching forward: the Triton kernel for CUDA tensors (or ``GPTPAR_TRITON=1``), else the reference."""
-    if _triton(q):
+def attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None, docs=None):
+    """Dispatching forward: the Triton kernel for CUDA tensors (or ``GPTPAR_TRITON=1``), else the reference.
+    Document masks (``docs``) run on the reference (the kernel does not take them yet)."""
+    if docs is None and _triton(q):
         return triton_attention_forward(q, k, v, causal, q_pos, k_pos, scale)
-    return reference_attention_forward(q, k, v, causal, q_pos, k_pos, scale)
+    return reference_attention_forward(q, k, v, causal, q_pos, k_pos, scale, docs)
 
 
-def attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None):
+def attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None, docs=None):
     """Dispatching backward for one block; see module docstring."""
-    if _triton(q):
+    if docs is None and _triton(q):
         return triton_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale)
-    return reference_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale)
+    return reference_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale, docs)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, q_pos, k_pos, scale):
-        out, lse = attention_forward(q, k, v, causal, q_pos, k_pos, scale)
+    def forward(ctx, q, k, v, causal, q_pos, k_pos, scale, docs=None):
+        out, lse = attention_forward(q, k, v, causal, q_pos, k_pos, scale, docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, q_pos, k_pos, scale)
+        ctx.args = (causal, q_pos, k_pos, scale, docs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -285,7 +295,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def attention(
@@ -296,10 +306,12 @@ def attention(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
     scale: float | None = None,
+    docs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable attention returning ``(out, lse)``; saves only q, k, v, out, lse for backward
-    (the probabilities are recomputed), like FlashAttention."""
-    return _Attention.apply(q, k, v, causal, q_pos, k_pos, scale)
+    (the probabilities are recomputed), like FlashAttention. ``docs``: ``(q_doc [b, sq], k_doc [b, sk])``
+    packed documents' ids: attention only within a document."""
+    return _Attention.apply(q, k, v, causal, q_pos, k_pos, scale, docs)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -77,37 +77,46 @@ class _Pair:
     k_slices: tuple[tuple[int, int], ...]  # local (offset, length) of the visible key chunks
     q_pos: torch.Tensor | None  # global positions, only when a mask is needed
     k_pos: torch.Tensor | None
+    docs: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_doc [b, ql], k_doc [b, kl]) packed documents
 
 
-def _plan(q_shard: SeqShard, k_shard: SeqShard, causal: bool) -> list[_Pair]:
-    """Which query chunks see which key chunks, and whether the causal mask is needed for them."""
+def _plan(q_shard: SeqShard, k_shard: SeqShard, causal: bool, doc_ids: torch.Tensor | None = None) -> list[_Pair]:
+    """Which query chunks see which key chunks, and whether the causal mask is needed for them. With packed
+    documents (``doc_ids [b, s]``, the whole sequence's), a key chunk whose documents end before the query
+    chunk's first document (in every row) is skipped, not computed and masked."""
     pairs = []
     q_off = 0
     for qs, ql in q_shard.chunks:
         k_off, visible, masked = 0, [], False
         for ks, kl in k_shard.chunks:
-            if not causal or ks + kl - 1 <= qs:  # every key precedes every query
+            meets = doc_ids is None or bool((doc_ids[:, ks + kl - 1] >= doc_ids[:, qs]).any())
+            if not meets and (not causal or ks + kl - 1 <= qs):
+                pass  # the key chunk's documents all ended before the query chunk's began
+            elif not causal or ks + kl - 1 <= qs:  # every key precedes every query
                 visible.append(((k_off, kl), (ks, kl)))
             elif ks <= qs + ql - 1:  # overlapping ranges: the diagonal, needs the mask
                 visible.append(((k_off, kl), (ks, kl)))
                 masked = True
             k_off += kl
         if visible:
-            q_pos = k_pos = None
+            q_pos = k_pos = docs = None
             if masked:
                 q_pos = torch.arange(qs, qs + ql)
                 k_pos = torch.cat([torch.arange(s, s + n) for _, (s, n) in visible])
-            pairs.append(_Pair((q_off, ql), tuple(sl for sl, _ in visible), q_pos, k_pos))
+            if doc_ids is not None:
+                k_doc = torch.cat([doc_ids[:, s : s + n] for _, (s, n) in visible], dim=1)
+                docs = (doc_ids[:, qs : qs + ql], k_doc)
+            pairs.append(_Pair((q_off, ql), tuple(sl for sl, _ in visible), q_pos, k_pos, docs))
         q_off += ql
     return pairs
 
 
-def attention_work(shards: list[SeqShard], rank: int, causal: bool = True) -> int:
+def attention_work(shards: list[SeqShard], rank: int, causal: bool = True, doc_ids: torch.Tensor | None = None) -> int:
     """Query-key pairs rank ``rank`` computes over a whole ring pass (a FLOP proxy for load balance)."""
     return sum(
         pair_q * sum(n for _, n in pair.k_slices)
         for src in range(len(shards))
-        for pair in _plan(shards[rank], shards[src], causal)
+        for pair in _plan(shards[rank], shards[src], causal, doc_ids)
         for pair_q in (pair.q_slice[1],)
     )
 
@@ -131,7 +140,7 @@ def _merge_(out, lse, blk_out, blk_lse, sl):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, shards, causal, scale):
+    def forward(ctx, q, k, v, group, shards, causal, scale, doc_ids=None):
         p, r = group.size, group.rank
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
@@ -141,7 +150,7 @@ class _RingAttention(torch.autograd.Function):
             src = (r - i) % p
             if i < p - 1:
                 nxt, handle = comm.ring_shift(kv, group, tag=0)  # posted before this block's compute
-            plan = _plan(shards[r], shards[src], causal)
+            plan = _plan(shards[r], shards[src], causal, doc_ids)
             plans.append(plan)
             for pair in plan:
                 o, n = pair.q_slice
@@ -153,6 +162,7 @@ class _RingAttention(torch.autograd.Function):
                     pair.q_pos,
                     pair.k_pos,
                     scale,
+                    pair.docs,
                 )
                 _merge_(out, lse, blk_out, blk_lse, pair.q_slice)
             if i < p - 1:
@@ -191,6 +201,7 @@ class _RingAttention(torch.autograd.Function):
                     pair.q_pos,
                     pair.k_pos,
                     ctx.scale,
+                    pair.docs,
                 )
                 dq[..., o : o + n, :] += dq_b
                 at = 0
@@ -205,7 +216,7 @@ class _RingAttention(torch.autograd.Function):
                 kv_handle.wait()
                 kv = kv_next
         dkv = dkv_own + dkv if p > 1 else dkv_own
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(
@@ -216,13 +227,17 @@ def ring_attention(
     shards: list[SeqShard],
     causal: bool = True,
     scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention over ``group`` (cp). In ``q, k, v [b, h, s/p, d]`` holding ``shards[rank]``'s tokens;
     out ``(out [b, h, s/p, d], lse [b, h, s/p] fp32)``. Collectives: ``p-1`` K/V ring shifts forward, each
-    posted before the compute it overlaps; ``p-1`` K/V and ``p-1`` dK/dV (fp32) ring shifts backward."""
+    posted before the compute it overlaps; ``p-1`` K/V and ``p-1`` dK/dV (fp32) ring shifts backward.
+    ``doc_ids [b, s]`` (the whole sequence's, on every rank): attention only within packed documents;
+    blocks whose documents do not meet are skipped."""
     if group.size == 1:
-        return attention(q, k, v, causal, None, None, scale)
-    return _RingAttention.apply(q, k, v, group, shards, causal, scale)
+        docs = None if doc_ids is None else (doc_ids, doc_ids)
+        return attention(q, k, v, causal, None, None, scale, docs)
+    return _RingAttention.apply(q, k, v, group, shards, causal, scale, doc_ids)
 
 
 def ulysses_attention(
@@ -233,8 +248,10 @@ def ulysses_attention(
     shards: list[SeqShard],
     causal: bool = True,
     scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DeepSpeed-Ulysses attention over ``group`` (cp). In ``q [b, h, s/p, d]``, ``k, v [b, hkv, s/p, d]``,
+    """DeepSpeed-Ulysses attention over ``group`` (cp). ``doc_ids [b, s]``: attention only within packed
+    documents. In ``q [b, h, s/p, d]``, ``k, v [b, hkv, s/p, d]``,
     out ``[b, h, s/p, d]``. Collectives: three all-to-alls forward (q, k, v) and one back (out); the same,
     reversed, in backward. Grouped-query K/V heads are split across cp with their query heads; with fewer
     K/V heads than cp, each is repeated to one per cp rank first (its gradient sums back)."""
@@ -251,8 +268,10 @@ def ulysses_attention(
             )
         k, v = k.repeat_interleave(p // hkv, dim=1), v.repeat_interleave(p // hkv, dim=1)
     if p == 1:
-        return attention(q, k, v, causal, None, None, scale)[0]
+        docs = None if doc_ids is None else (doc_ids, doc_ids)
+        return attention(q, k, v, causal, None, None, scale, docs)[0]
     q, k, v = (comm.all_to_all_region(t, group, scatter_dim=1, gather_dim=2) for t in (q, k, v))
     pos = torch.cat([s.positions() for s in shards])  # the gathered sequence, in rank order
-    out, _ = attention(q, k, v, causal, pos, pos, scale)
+    docs = None if doc_ids is None else (doc_ids[:, pos.to(doc_ids.device)],) * 2
+    out, _ = attention(q, k, v, causal, pos, pos, scale, docs)
     return comm.all_to_all_region(out, group, scatter_dim=2, gather_dim=1)
