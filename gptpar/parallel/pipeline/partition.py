@@ -108,7 +108,10 @@ def split(model, pp: int, blocks: str, rank: int | None = None, costs: list[floa
     """Cut the block stack at attribute path ``blocks`` (e.g. ``"transformer.h"``) of any model into ``pp``
     balanced contiguous stages (by parameter count unless ``costs`` are given). Returns a list of
     ``nn.ModuleList`` (one per stage); with ``rank``, only that stage's, and the other stages' blocks are
-    dropped from ``model`` (replaced by ``nn.Identity``) so their weights can be freed."""
+    dropped from ``model`` (replaced by ``nn.Identity``) so their weights can be freed: the model's own
+    forward no longer runs then. To pipeline a transformers causal LM use
+    :func:`gptpar.pipeline.hf_pipeline`; for another model, wrap each stage's blocks in a chunk that
+    implements :class:`~gptpar.parallel.pipeline.stage.Stage`."""
     from torch import nn
 
     stack = model.get_submodule(blocks)
