@@ -86,10 +86,11 @@ def _plan(q_shard: SeqShard, k_shard: SeqShard, causal: bool, doc_ids: torch.Ten
     chunk's first document (in every row) is skipped, not computed and masked."""
     pairs = []
     q_off = 0
+    ids = doc_ids.cpu() if doc_ids is not None else None  # planning on the host: no sync per block pair
     for qs, ql in q_shard.chunks:
         k_off, visible, masked = 0, [], False
         for ks, kl in k_shard.chunks:
-            meets = doc_ids is None or bool((doc_ids[:, ks + kl - 1] >= doc_ids[:, qs]).any())
+            meets = doc_ids is None or bool((ids[:, ks + kl - 1] >= ids[:, qs]).any())
             if not meets and (not causal or ks + kl - 1 <= qs):
                 pass  # the key chunk's documents all ended before the query chunk's began
             elif not causal or ks + kl - 1 <= qs:  # every key precedes every query
