@@ -82,10 +82,10 @@ def _is_datasets_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json"))
 
 
-def source_files(data: str | None) -> list[str]:
+def source_files(data: str | None, max_bytes: int = 8_000_000) -> list[str]:
     """The files that make up a ``--data`` source (for the cache key)."""
     if data is None:
-        return stdlib_files()
+        return stdlib_files(max_bytes)
     if _is_datasets_dir(data):
         return sorted(os.path.join(data, f) for f in os.listdir(data))
     if data.endswith((".jsonl", ".parquet")):
@@ -210,7 +210,7 @@ def prepare(
     cache_dir = cache_dir or default_cache_dir()
     if data is not None and data.endswith(".bin"):
         return _pretokenised(data, val_fraction)
-    files = source_files(data) if data is not None else stdlib_files(max_bytes)
+    files = source_files(data, max_bytes)
     h = hashlib.sha256(b"documents-v2")  # the token file's format: documents ended by end-of-text
     for f in files:
         st = os.stat(f)

@@ -681,16 +681,21 @@ def parallelize(
     ``model.save_pretrained(dir)`` then writes the full model (:func:`save_pretrained`).
     """
     state = layout if isinstance(layout, ParallelState) else init_parallel(layout)
-    token = _CALL.set({})
-    try:
-        _replace(model, state, builtin_plan(model, sequence_parallel) if plan is None else plan)
-    finally:
-        _CALL.reset(token)
+    _replace(model, state, builtin_plan(model, sequence_parallel) if plan is None else plan)
     _finish(model, state, sequence_parallel, check_replicas)
     return model
 
 
 def _replace(model: nn.Module, state: ParallelState, plan: dict) -> None:
+    """Apply ``plan`` to ``model`` (one parallelize call: its styles share one sequence-parallel context)."""
+    token = _CALL.set({})
+    try:
+        _apply(model, state, plan)
+    finally:
+        _CALL.reset(token)
+
+
+def _apply(model: nn.Module, state: ParallelState, plan: dict) -> None:
     tied = {}
     for name, m in model.named_modules():
         for pname, p in m.named_parameters(recurse=False):
@@ -931,11 +936,7 @@ def from_pretrained(
         model = transformers.AutoModelForCausalLM.from_config(config)
     if dtype is not None:
         model.to(dtype)
-    token = _CALL.set({})
-    try:
-        _replace(model, state, builtin_plan(model, sequence_parallel) if plan is None else plan)
-    finally:
-        _CALL.reset(token)
+    _replace(model, state, builtin_plan(model, sequence_parallel) if plan is None else plan)
     weights = HFWeights(path)
     try:
         aliases: dict[int, list[str]] = {}
