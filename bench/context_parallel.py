@@ -19,6 +19,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -60,6 +62,36 @@ def _rank_run(cp, sharding, impl, seq, heads, hd, reps, kv_heads=None, doc_len=N
     }
 
 
+def _flash_kernel_documents(seq, hd, reps):
+    """One rank, gptpar's Triton flash kernel under the CPU interpreter (run in a child with
+    ``TRITON_INTERPRET=1``), forward + backward: documents of s/8 against one causal document. Interpreter
+    time is per tile visited, not a GPU's speed; it shows block skipping inside the kernel. Tiles counted
+    at the interpreter's blocks (:func:`gptpar.ops.attention.kernel_tiles`)."""
+    from gptpar.ops.attention import INTERPRETER_BLOCK, attention, attention_bounds, kernel_tiles
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 1, seq, hd, generator=gen).requires_grad_(i < 3) for i in range(4))
+    ids = (torch.arange(seq) // (seq // 8)).unsqueeze(0)
+    pos = torch.arange(seq)
+
+    def run(docs):
+        torch.autograd.grad(attention(q, k, v, True, docs=docs)[0], (q, k, v), dout)
+
+    t = timed_interleaved({"causal": lambda: run(None), "docs": lambda: run((ids, ids))}, reps)
+    tiles = {
+        name: sum(kernel_tiles(attention_bounds(pos, pos, True, d)[0], INTERPRETER_BLOCK, INTERPRETER_BLOCK))
+        for name, d in (("causal", None), ("docs", (ids, ids)))
+    }
+    return {
+        "time_causal_s": statistics.median(t["causal"]),
+        "time_docs_s": statistics.median(t["docs"]),
+        "spread_docs_s": max(t["docs"]) - min(t["docs"]),
+        "spread_causal_s": max(t["causal"]) - min(t["causal"]),
+        "tile_ratio": tiles["docs"] / tiles["causal"],
+        "flop_ratio": 8 * ((seq // 8) * (seq // 8 + 1) / 2) / (seq * (seq + 1) / 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=2048)
@@ -68,8 +100,12 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--documents-only", action="store_true", help="only the packed-documents section")
+    ap.add_argument("--flash-kernel-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel_cpu.json"))
     a = ap.parse_args()
+    if a.flash_kernel_child:
+        print(json.dumps(_flash_kernel_documents(a.seq, a.head_dim, a.reps)))
+        return
     # fp32 K and V of one rank with kv K/V heads
     kv_block = lambda cp, kv=a.heads: 2 * kv * (a.seq // cp) * a.head_dim * 4  # noqa: E731
     rows = []
@@ -146,11 +182,20 @@ def main() -> None:
             {"cp": cp, "time_docs_s": td, "time_causal_s": tc, "block_work_ratio": work, "flop_ratio": flops}
         )
         print(f"{cp:3d} {td:11.3f} {tc:13.3f} {td / tc:10.2f} {work:16.2f} {flops:10.2f}")
+    # The flash kernel itself with document masks: tiles where documents do not meet are skipped
+    env = {**os.environ, "TRITON_INTERPRET": "1", "GPTPAR_TRITON": "1"}
+    child = [sys.executable, __file__, "--flash-kernel-child", "--seq", "1024", "--head-dim", str(a.head_dim)]
+    kern = json.loads(subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout)
+    print("flash kernel (Triton interpreter on CPU, one rank, seq 1024, fwd+bwd), documents of s/8 vs causal:")
+    print(
+        f"  time ratio {kern['time_docs_s'] / kern['time_causal_s']:.2f} (docs {kern['time_docs_s']:.2f} s "
+        f"+-{kern['spread_docs_s']:.2f}, causal {kern['time_causal_s']:.2f} s +-{kern['spread_causal_s']:.2f}), "
+        f"tile ratio {kern['tile_ratio']:.2f}, FLOP ratio {kern['flop_ratio']:.2f}"
+    )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump(
-            {"args": vars(a), "rows": rows, "documents": doc_rows, "date": time.strftime("%Y-%m-%d")}, f, indent=1
-        )
+        out = {"args": vars(a), "rows": rows, "documents": doc_rows, "flash_kernel_documents": kern}
+        json.dump({**out, "date": time.strftime("%Y-%m-%d")}, f, indent=1)
 
 
 if __name__ == "__main__":

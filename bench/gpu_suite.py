@@ -11,6 +11,9 @@
   eager and ``torch.compile`` of the same ``act(F.linear(x, W, b))``, forward and forward + backward; TFLOP/s.
 * norms: fused LayerNorm / RMSNorm forward and forward + backward against eager and ``torch.compile``;
   GB/s of minimum traffic (each tensor read or written once) and that as a share of ``copy_``'s GB/s.
+* documents: causal attention over packed documents of mean length s/8 (random boundaries) against one
+  causal document with the same kernel (time ratio beside the FLOP ratio) and against SDPA given the
+  documents as a dense mask.
 
 Every row also reports the largest difference from the baseline's output, so a wrong fast kernel does
 not pass as a fast one. Inputs are bf16 (fp32 under ``--smoke``: the interpreter mis-computes bf16).
@@ -127,6 +130,64 @@ class Suite:
                     secs = timeit(lambda: fwd_bwd(ours), self.device, self.reps)  # noqa: B023
                     self.row("attention", case + " fwd+bwd", "gptpar", secs, 3.5 * flops, "TFLOP/s", diff, base)
 
+    def documents(self, seqs, d, tokens, width):
+        """Packed documents of mean length s/8 against one causal document, gptpar's kernel both times: the
+        time ratio against the FLOP ratio (blocks where documents do not meet are skipped), and against
+        SDPA given the same documents as a dense mask (what one-rank attention used before)."""
+        from gptpar.ops.attention import document_mask
+
+        print(f"attention with packed documents of mean s/8 vs causal (tokens {tokens}, width {width}):")
+        g = torch.Generator().manual_seed(0)
+        for s in seqs:
+            b, h = max(1, tokens // s), max(1, width // d)
+            q, k, v, do = (self.rand(b, h, s, d, requires_grad=i < 3) for i in range(4))
+            # random boundaries, mean length s/8 (each token starts a document with probability 8/s)
+            ids = (torch.rand(b, s, generator=g) < 8 / s).long().cumsum(1).to(self.device)
+            lengths = torch.cat([torch.bincount(r - r.min()) for r in ids.cpu()])
+            lengths = lengths[lengths > 0].double()
+            flop_ratio = float((lengths * (lengths + 1) / 2).sum() / (b * s * (s + 1) / 2))
+            mask = document_mask(ids)
+
+            def run(docs, q=q, k=k, v=v, do=do):
+                return torch.autograd.grad(attention(q, k, v, True, docs=docs)[0], (q, k, v), do)
+
+            def sdpa(q=q, k=k, v=v, do=do, mask=mask):
+                return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), do)
+
+            flops = 3.5 * 4 * b * h * s * s * d * 0.5
+            docs = (ids, ids)
+            got = torch.cat([t.flatten() for t in run(docs)])
+            diff = maxdiff(got, torch.cat([t.flatten() for t in sdpa()]))
+            case = f"hd{d} s{s} b{b} h{h} fwd+bwd"
+            base = self.row(
+                "documents",
+                case + " causal",
+                "causal",
+                timeit(lambda: run(None), self.device, self.reps),
+                flops,
+                "TFLOP/s",
+            )
+            dense = self.row(
+                "documents",
+                case + " docs",
+                "sdpa-mask",
+                timeit(sdpa, self.device, self.reps),
+                flops * flop_ratio,
+                "TFLOP/s",
+            )
+            r = self.row(
+                "documents",
+                case + " docs",
+                "gptpar",
+                timeit(lambda: run(docs), self.device, self.reps),  # noqa: B023 (called here)
+                flops * flop_ratio,
+                "TFLOP/s",
+                diff,
+                dense,
+            )
+            r["time_ratio_vs_causal"], r["flop_ratio"] = r["ms"] / base["ms"], flop_ratio
+            print(f"    time vs causal {r['time_ratio_vs_causal']:.2f}, FLOP ratio {flop_ratio:.2f}")
+
     # ------------------------------------------------------------------------------------------ MLP
     def mlp(self, m, k, f):
         print(f"MLP column half act(x W^T + b), x [{m}, {k}], {f} outputs (SwiGLU: gate|up = {2 * f} rows), TFLOP/s:")
@@ -231,6 +292,7 @@ def main() -> None:
     for section, run in (
         ("attention", lambda: suite.attention(seqs, dims, tokens, width)),
         ("attention-gqa", lambda: suite.attention(*gqa, causals=(True,))),
+        ("documents", lambda: suite.documents(seqs if args.smoke else [4096, 16384], dims[-1], tokens, width)),
         ("mlp", lambda: suite.mlp(*mlp_shape)),
         ("norms", lambda: suite.norms(*norm_shape)),
     ):

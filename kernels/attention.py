@@ -7,11 +7,13 @@ fp32 (base 2, the scale folded into ``log2(e)``); a row that sees no key gets ``
 (so ring attention can merge it away). Backward recomputes the probabilities from the LSE
 (FlashAttention-2): one kernel for dK/dV per key block, one for dQ per query block, no atomics.
 
-Causal block skipping works for any positions (host-side bounds, :func:`gptpar.ops.attention.causal_bounds`):
-``KHi[i]`` is one past the last key query ``i`` sees and ``KFull[i]`` the length of the key prefix it sees
-whole; ``QLo[j]`` is the first query that sees key ``j`` and ``QFull[j]`` the start of the query suffix that
-all see it. A program loops only over blocks holding visible pairs (a K/V block from a later rank: none),
-in two stages: blocks every row sees whole skip the mask (no position loads, no compare), the rest mask.
+Block skipping works for any positions and packed documents (host-side bounds,
+:func:`gptpar.ops.attention.attention_bounds`, one set per batch element): for query row ``i`` the keys it
+sees lie in ``[lo, hi)`` and every key in ``[flo, fhi)`` is seen (likewise, per key, the queries that see
+it). A program loops only over blocks inside the union of its rows' ranges (a K/V block from a later rank,
+or another document: none), in three stages: blocks every row sees whole skip the mask (no position or
+document loads, no compare), the blocks before and after them mask. With ``DOCS`` a key is visible only
+within its query's document (``QDoc [B, Sq]``, ``KDoc [B, Sk]``), so work falls with document length.
 
 The matmuls run in the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation). ``UPCAST`` loads
 everything as fp32 instead: the Triton interpreter mis-computes bf16. ``PREC`` is ``tl.dot``'s
@@ -31,14 +33,37 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL: tl.constexpr):
-    """Which (query, key) pairs of the tile are real and, when causal, visible: ``qpos >= kpos``."""
+def _visible(QPos, KPos, QDoc, KDoc, offs_m, offs_n, qmask, kmask, CAUSAL: tl.constexpr, DOCS: tl.constexpr):
+    """Which (query, key) pairs of the tile are real and visible: ``qpos >= kpos`` when causal, the same
+    document with ``DOCS`` (``QDoc``/``KDoc`` point at this batch element's ids)."""
     visible = qmask[:, None] & kmask[None, :]
     if CAUSAL:
         qpos = tl.load(QPos + offs_m, mask=qmask, other=0)
         kpos = tl.load(KPos + offs_n, mask=kmask, other=0)
         visible = visible & (qpos[:, None] >= kpos[None, :])
+    if DOCS:
+        qdoc = tl.load(QDoc + offs_m, mask=qmask, other=0)
+        kdoc = tl.load(KDoc + offs_n, mask=kmask, other=0)
+        visible = visible & (qdoc[:, None] == kdoc[None, :])
     return visible
+
+
+@triton.jit
+def _ranges(Bnd, offs, mask, ROWS, EXTENT, BLOCK: tl.constexpr):
+    """The loop bounds of one block of rows from ``Bnd [4, ROWS]`` (lo, hi, flo, fhi per row): ``[lo, flo)``
+    masked, ``[flo, fhi)`` whole blocks every row sees (unmasked), ``[fhi, hi)`` masked; block-aligned
+    starts. When no block is seen whole by every row: ``flo = fhi = lo``, all masked."""
+    lo = tl.min(tl.load(Bnd + offs, mask=mask, other=EXTENT), axis=0)
+    hi = tl.max(tl.load(Bnd + ROWS + offs, mask=mask, other=0), axis=0)
+    flo = tl.max(tl.load(Bnd + 2 * ROWS + offs, mask=mask, other=0), axis=0)
+    fhi = tl.min(tl.load(Bnd + 3 * ROWS + offs, mask=mask, other=EXTENT), axis=0)
+    lo = (lo // BLOCK) * BLOCK
+    flo = ((flo + BLOCK - 1) // BLOCK) * BLOCK
+    fhi = (fhi // BLOCK) * BLOCK
+    none = fhi <= flo
+    flo = tl.where(none, lo, flo)
+    fhi = tl.where(none, lo, fhi)
+    return lo, flo, fhi, hi
 
 
 @triton.jit
@@ -51,6 +76,8 @@ def _fwd_tile(
     v_base,
     QPos,
     KPos,
+    QDoc,
+    KDoc,
     offs_m,
     offs_n,
     qmask,
@@ -58,6 +85,7 @@ def _fwd_tile(
     qk_scale,
     D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -67,7 +95,8 @@ def _fwd_tile(
     k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if MASKED:
-        s = tl.where(_visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), s, -float("inf"))
+        visible = _visible(QPos, KPos, QDoc, KDoc, offs_m, offs_n, qmask, kmask, CAUSAL, DOCS)
+        s = tl.where(visible, s, -float("inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows that have seen nothing yet
     p = tl.math.exp2(s - m_safe[:, None])
@@ -75,19 +104,6 @@ def _fwd_tile(
     v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For a query block: keys ``[0, full)`` (whole blocks) are visible to every row, so they need no mask;
-    keys ``[full, hi)`` hold the rest of what any row sees."""
-    if CAUSAL:
-        hi = tl.max(tl.load(KHi + offs_m, mask=qmask, other=0), axis=0)
-        full = tl.min(tl.load(KFull + offs_m, mask=qmask, other=Sk), axis=0)
-    else:
-        hi = Sk
-        full = Sk
-    return (full // BLOCK_N) * BLOCK_N, hi
 
 
 @triton.jit
@@ -99,13 +115,16 @@ def attn_fwd_kernel(
     LSE,
     QPos,
     KPos,
-    KHi,
-    KFull,
+    QDoc,
+    KDoc,
+    Bounds,
     Sq,
     Sk,
     scale,
     GROUP,
+    HEADS,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     D: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -113,6 +132,7 @@ def attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b = bh // HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -121,12 +141,13 @@ def attn_fwd_kernel(
     kvh = bh // GROUP
     k_base = K + kvh * Sk * D + offs_d[None, :]
     v_base = V + kvh * Sk * D + offs_d[None, :]
+    qdoc, kdoc = QDoc + b * Sq, KDoc + b * Sk
     qk_scale = scale * 1.4426950408889634
-    full, hi = _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL, BLOCK_N)
+    lo, flo, fhi, hi = _ranges(Bounds + b * 4 * Sq, offs_m, qmask, Sq, Sk, BLOCK_N)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, full, BLOCK_N):
+    for start in range(lo, flo, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(
             acc,
             m_i,
@@ -136,6 +157,8 @@ def attn_fwd_kernel(
             v_base,
             QPos,
             KPos,
+            qdoc,
+            kdoc,
             offs_m,
             start + offs_n0,
             qmask,
@@ -143,11 +166,36 @@ def attn_fwd_kernel(
             qk_scale,
             D,
             CAUSAL,
+            DOCS,
+            True,
+            UPCAST,
+            PREC,
+        )
+    for start in range(flo, fhi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            QPos,
+            KPos,
+            qdoc,
+            kdoc,
+            offs_m,
+            start + offs_n0,
+            qmask,
+            Sk,
+            qk_scale,
+            D,
+            CAUSAL,
+            DOCS,
             False,
             UPCAST,
             PREC,
         )
-    for start in range(full, hi, BLOCK_N):
+    for start in range(fhi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(
             acc,
             m_i,
@@ -157,6 +205,8 @@ def attn_fwd_kernel(
             v_base,
             QPos,
             KPos,
+            qdoc,
+            kdoc,
             offs_m,
             start + offs_n0,
             qmask,
@@ -164,6 +214,7 @@ def attn_fwd_kernel(
             qk_scale,
             D,
             CAUSAL,
+            DOCS,
             True,
             UPCAST,
             PREC,
@@ -186,11 +237,14 @@ def _probs(
     qk_scale,
     QPos,
     KPos,
+    QDoc,
+    KDoc,
     offs_m,
     offs_n,
     qmask,
     kmask,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     MASKED: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -200,7 +254,7 @@ def _probs(
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(_visible(QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL), p, 0.0)
+        p = tl.where(_visible(QPos, KPos, QDoc, KDoc, offs_m, offs_n, qmask, kmask, CAUSAL, DOCS), p, 0.0)
     return p
 
 
@@ -216,6 +270,8 @@ def _dkdv_tile(
     Delta,
     QPos,
     KPos,
+    QDoc,
+    KDoc,
     offs_m,
     offs_n,
     kmask,
@@ -223,6 +279,7 @@ def _dkdv_tile(
     qk_scale,
     D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -233,7 +290,7 @@ def _dkdv_tile(
     lse = tl.load(LSE + offs_m, mask=qmask, other=float("inf"))
     lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
     delta = tl.load(Delta + offs_m, mask=qmask, other=0.0)
-    p = _probs(q, k, lse2, qk_scale, QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL, MASKED, PREC)
+    p = _probs(q, k, lse2, qk_scale, QPos, KPos, QDoc, KDoc, offs_m, offs_n, qmask, kmask, CAUSAL, DOCS, MASKED, PREC)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
     ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
@@ -252,36 +309,35 @@ def attn_bwd_dkdv_kernel(
     DV,
     QPos,
     KPos,
-    QLo,
-    QFull,
+    QDoc,
+    KDoc,
+    Bounds,
     Sq,
     Sk,
     scale,
     GROUP,
+    HEADS,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     D: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One K/V block of K/V head ``bh``: its dK/dV summed over the ``GROUP`` query heads that read it."""
+    """One K/V block of K/V head ``bh``: its dK/dV summed over the ``GROUP`` query heads that read it.
+    ``Bounds [B, 4, Sk]``: per key, the queries that see it."""
     pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b = bh // (HEADS // GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     kmask = offs_n < Sk
     k = _load(K + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], kmask[:, None], UPCAST)
     v = _load(V + bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], kmask[:, None], UPCAST)
+    qdoc, kdoc = QDoc + b * Sq, KDoc + b * Sk
     qk_scale = scale * 1.4426950408889634
-    # queries [lo, full) may see part of this key block (masked); [full, Sq) see all of it (unmasked)
-    lo = 0
-    full = 0
-    if CAUSAL:
-        lo = tl.min(tl.load(QLo + offs_n, mask=kmask, other=Sq), axis=0)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        full = tl.max(tl.load(QFull + offs_n, mask=kmask, other=0), axis=0)
-        full = tl.maximum(((full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+    lo, flo, fhi, hi = _ranges(Bounds + b * 4 * Sk, offs_n, kmask, Sk, Sq, BLOCK_M)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
     for g in range(GROUP):
@@ -289,7 +345,7 @@ def attn_bwd_dkdv_kernel(
         q_base = Q + qh * Sq * D + offs_d[None, :]
         do_base = DO + qh * Sq * D + offs_d[None, :]
         lse_base, delta_base = LSE + qh * Sq, Delta + qh * Sq
-        for start in range(lo, full, BLOCK_M):
+        for start in range(lo, flo, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk,
                 dv,
@@ -301,6 +357,8 @@ def attn_bwd_dkdv_kernel(
                 delta_base,
                 QPos,
                 KPos,
+                qdoc,
+                kdoc,
                 start + offs_m0,
                 offs_n,
                 kmask,
@@ -308,11 +366,12 @@ def attn_bwd_dkdv_kernel(
                 qk_scale,
                 D,
                 CAUSAL,
+                DOCS,
                 True,
                 UPCAST,
                 PREC,
             )
-        for start in range(full, Sq, BLOCK_M):
+        for start in range(flo, fhi, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk,
                 dv,
@@ -324,6 +383,8 @@ def attn_bwd_dkdv_kernel(
                 delta_base,
                 QPos,
                 KPos,
+                qdoc,
+                kdoc,
                 start + offs_m0,
                 offs_n,
                 kmask,
@@ -331,7 +392,34 @@ def attn_bwd_dkdv_kernel(
                 qk_scale,
                 D,
                 CAUSAL,
+                DOCS,
                 False,
+                UPCAST,
+                PREC,
+            )
+        for start in range(fhi, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                QPos,
+                KPos,
+                qdoc,
+                kdoc,
+                start + offs_m0,
+                offs_n,
+                kmask,
+                Sq,
+                qk_scale,
+                D,
+                CAUSAL,
+                DOCS,
+                True,
                 UPCAST,
                 PREC,
             )
@@ -351,6 +439,8 @@ def _dq_tile(
     v_base,
     QPos,
     KPos,
+    QDoc,
+    KDoc,
     offs_m,
     offs_n,
     qmask,
@@ -358,6 +448,7 @@ def _dq_tile(
     qk_scale,
     D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -365,7 +456,7 @@ def _dq_tile(
     kmask = offs_n < Sk
     k = _load(k_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
     v = _load(v_base + offs_n[:, None] * D, kmask[:, None], UPCAST)
-    p = _probs(q, k, lse2, qk_scale, QPos, KPos, offs_m, offs_n, qmask, kmask, CAUSAL, MASKED, PREC)
+    p = _probs(q, k, lse2, qk_scale, QPos, KPos, QDoc, KDoc, offs_m, offs_n, qmask, kmask, CAUSAL, DOCS, MASKED, PREC)
     ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
@@ -381,13 +472,16 @@ def attn_bwd_dq_kernel(
     DQ,
     QPos,
     KPos,
-    KHi,
-    KFull,
+    QDoc,
+    KDoc,
+    Bounds,
     Sq,
     Sk,
     scale,
     GROUP,
+    HEADS,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     D: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -395,6 +489,7 @@ def attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b = bh // HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -404,13 +499,14 @@ def attn_bwd_dq_kernel(
     kvh = bh // GROUP
     k_base = K + kvh * Sk * D + offs_d[None, :]
     v_base = V + kvh * Sk * D + offs_d[None, :]
+    qdoc, kdoc = QDoc + b * Sq, KDoc + b * Sk
     lse = tl.load(LSE + bh * Sq + offs_m, mask=qmask, other=float("inf"))
     lse2 = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(Delta + bh * Sq + offs_m, mask=qmask, other=0.0)
     qk_scale = scale * 1.4426950408889634
-    full, hi = _key_ranges(KHi, KFull, offs_m, qmask, Sk, CAUSAL, BLOCK_N)
+    lo, flo, fhi, hi = _ranges(Bounds + b * 4 * Sq, offs_m, qmask, Sq, Sk, BLOCK_N)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, full, BLOCK_N):
+    for start in range(lo, flo, BLOCK_N):
         dq = _dq_tile(
             dq,
             q,
@@ -421,6 +517,8 @@ def attn_bwd_dq_kernel(
             v_base,
             QPos,
             KPos,
+            qdoc,
+            kdoc,
             offs_m,
             start + offs_n0,
             qmask,
@@ -428,11 +526,37 @@ def attn_bwd_dq_kernel(
             qk_scale,
             D,
             CAUSAL,
+            DOCS,
+            True,
+            UPCAST,
+            PREC,
+        )
+    for start in range(flo, fhi, BLOCK_N):
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            QPos,
+            KPos,
+            qdoc,
+            kdoc,
+            offs_m,
+            start + offs_n0,
+            qmask,
+            Sk,
+            qk_scale,
+            D,
+            CAUSAL,
+            DOCS,
             False,
             UPCAST,
             PREC,
         )
-    for start in range(full, hi, BLOCK_N):
+    for start in range(fhi, hi, BLOCK_N):
         dq = _dq_tile(
             dq,
             q,
@@ -443,6 +567,8 @@ def attn_bwd_dq_kernel(
             v_base,
             QPos,
             KPos,
+            qdoc,
+            kdoc,
             offs_m,
             start + offs_n0,
             qmask,
@@ -450,6 +576,7 @@ def attn_bwd_dq_kernel(
             qk_scale,
             D,
             CAUSAL,
+            DOCS,
             True,
             UPCAST,
             PREC,
@@ -465,7 +592,7 @@ def _configs(shapes):
 # GPU launches pick their block sizes by autotuning (per sequence lengths, head dim and causality) among
 # four configurations each, kept few so that compiling and tuning them all stays within bench/gpu_suite.py's
 # time budget; the interpreter (tests) calls the plain kernels with fixed small blocks.
-_KEY = ["Sq", "Sk", "D", "CAUSAL"]
+_KEY = ["Sq", "Sk", "D", "CAUSAL", "DOCS"]
 attn_fwd = triton.autotune(
     _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]),
     key=_KEY,

@@ -19,11 +19,13 @@ def test_gpu_suite_smoke_runs_every_section_and_matches_baselines(tmp_path):
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert data["meta"]["smoke"] and data["meta"]["date"]
-    assert {r["section"] for r in rows} == {"attention", "mlp", "norm"}
+    assert {r["section"] for r in rows} == {"attention", "documents", "mlp", "norm"}
     ours = [r for r in rows if r["impl"] == "gptpar"]
     # attention: 2 seqs x 2 masks x (fwd, fwd+bwd); GQA attention: 1 seq x causal x 2; mlp: 2 activations x 2
-    # phases; norms: 2 x 2
-    assert len(ours) == 8 + 2 + 4 + 4
+    # phases; norms: 2 x 2; documents: 2 seqs (beside "causal", the same kernel on one document)
+    assert len(ours) == 8 + 2 + 4 + 4 + 2
+    docs = [r for r in ours if r["section"] == "documents" and "time_ratio_vs_causal" in r]
+    assert len(docs) == 2 and all(0 < r["flop_ratio"] < 1 for r in docs)
     assert sum("/kv1 causal" in r["case"] for r in ours) == 2  # the grouped-query rows (2 heads, 1 K/V head)
     for r in ours:
         assert r["max_diff"] < 1e-3, r

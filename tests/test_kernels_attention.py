@@ -75,13 +75,62 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 3e-2)):
 print("gqa ok")
 """
 
+DOCS_CHECK = r"""
+import torch
+from gptpar.ops.attention import (attention_bounds, kernel_tiles, reference_attention_backward,
+                                  reference_attention_forward, triton_attention_backward, triton_attention_forward)
+
+torch.manual_seed(0)
+s = 70
+ids = ((torch.rand(2, s) < 1 / 9).long().cumsum(1) + 3)  # random boundaries, different in each row
+zig = torch.cat([torch.arange(8, 16), torch.arange(48, 56)])
+perm = torch.randperm(45)
+flat = torch.zeros(2, s, dtype=torch.long)
+CASES = [  # (q_pos, k_pos, q_doc, k_doc): one rank, key blocks from other ranks (offsets, zig-zag), any
+    # position order, unsorted ids (no block bounds: every block masked explicitly), one document
+    (torch.arange(s), torch.arange(s), ids, ids), (torch.arange(20, 53), torch.arange(50), ids[:, 20:53], ids[:, :50]),
+    (zig, torch.arange(64), ids[:, zig], ids[:, :64]), (torch.arange(64), zig, ids[:, :64], ids[:, zig]),
+    (perm, perm, ids[:, :45], ids[:, :45]), (torch.arange(40), torch.arange(40), ids[:, :40].flip(1), ids[:, :40].flip(1)),
+    (torch.arange(s), torch.arange(s), flat, flat),
+]
+for dtype, tol in ((torch.float32, 2e-5), (torch.float16, 3e-2)):
+    for h, hkv in ((2, 2), (4, 2)):
+        for causal in (True, False):
+            for qp, kp, qd, kd in CASES if dtype == torch.float32 else CASES[:3]:
+                q = torch.randn(2, h, len(qp), 32).to(dtype)
+                k, v = (torch.randn(2, hkv, len(kp), 32).to(dtype) for _ in range(2))
+                o, lse = triton_attention_forward(q, k, v, causal, qp, kp, docs=(qd, kd))
+                ro, rlse = reference_attention_forward(q, k, v, causal, qp, kp, docs=(qd, kd))
+                assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
+                fin = ~torch.isinf(rlse)
+                torch.testing.assert_close(o.float(), ro.float(), rtol=tol, atol=tol)
+                torch.testing.assert_close(lse[fin], rlse[fin], rtol=tol, atol=tol)
+                do = torch.randn_like(o)
+                for g, rg in zip(triton_attention_backward(do, q, k, v, ro, rlse, causal, qp, kp, docs=(qd, kd)),
+                                 reference_attention_backward(do, q, k, v, ro, rlse, causal, qp, kp, docs=(qd, kd))):
+                    torch.testing.assert_close(g.float(), rg.float(), rtol=tol, atol=tol * 4)
+# work falls with document length: tiles the forward visits at s = 1024, documents of mean s/8, vs causal
+s, pos = 1024, torch.arange(1024)
+short = (torch.arange(s) // (s // 8)).unsqueeze(0)
+causal_tiles = sum(kernel_tiles(attention_bounds(pos, pos, True)[0], 64, 64))
+doc_tiles = kernel_tiles(attention_bounds(pos, pos, True, (short, short))[0], 64, 64)
+assert sum(doc_tiles) <= 0.2 * causal_tiles, (doc_tiles, causal_tiles)
+print("docs ok")
+"""
+
 MODEL = r"""
 import os, sys
 sys.path.insert(0, os.environ["TESTS_DIR"])
 import torch
 from gpt_helpers import assert_matches_reference, train_parallel, train_reference
 from gptpar import GPTConfig, ParallelLayout
+from gptpar.ops.attention import flash_kernel_applies
 from gptpar.testing import run_distributed
+import dataclasses
+import test_documents as documents
+
+# (module level: spawned workers import this script first) heads of 16, which the flash kernel takes
+documents.CONFIGS["wide"] = dataclasses.replace(documents.ROPE, d_model=64, head_dim=None, ffn_hidden=None)
 
 if __name__ == "__main__":
     config = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=64)
@@ -100,6 +149,12 @@ if __name__ == "__main__":
     ref = train_reference(config, steps=1)
     res = run_distributed(train_parallel, 2, config, ParallelLayout(cp=2), 1, {"cp_impl": "ring"}, timeout=600)
     assert_matches_reference(res, ref, "triton cp=2 llama", tol=dict(rtol=1e-4, atol=1e-5))
+    # packed documents: the flash kernel's document masks on one rank (tp2) and in ring attention's blocks
+    assert flash_kernel_applies(torch.zeros(1), documents.CONFIGS["wide"].head_dim)
+    res = run_distributed(documents._parallel, 2, "wide", ParallelLayout(tp=2))
+    documents._check(res, "wide", "triton tp2 documents")
+    res = run_distributed(documents._parallel, 2, "wide", ParallelLayout(cp=2))
+    documents._check(res, "wide", "triton cp2 documents")
     print("model ok")
 """
 
@@ -121,6 +176,12 @@ def test_flash_attention_kernel_with_grouped_query_heads_matches_reference(tmp_p
     res = _run(GQA_CHECK, tmp_path, "check_gqa.py")
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.strip() == "gqa ok"
+
+
+def test_flash_attention_kernel_with_document_masks_matches_reference(tmp_path):
+    res = _run(DOCS_CHECK, tmp_path, "check_docs.py")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.strip() == "docs ok"
 
 
 def test_parallel_gpt_with_triton_ops_matches_reference_model(tmp_path):

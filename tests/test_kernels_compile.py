@@ -2,7 +2,8 @@
 configurations its GPU launches can pick (the autotune lists). No GPU is needed to compile: this catches
 what the interpreter cannot (dot shapes and operand dtypes, layouts, shared memory beyond the SM's).
 
-Every configuration is compiled for the heaviest variant (head dim 128, causal, bf16; SwiGLU with bias);
+Every configuration is compiled for the heaviest variant (head dim 128, causal with document masks, bf16;
+SwiGLU with bias);
 the other variants with one configuration each."""
 
 import pytest
@@ -35,14 +36,14 @@ def _attention_types(dt: str) -> dict:
         {
             "QPos": "*i64",
             "KPos": "*i64",
-            "KHi": "*i32",
-            "KFull": "*i32",
-            "QLo": "*i32",
-            "QFull": "*i32",
+            "QDoc": "*i64",
+            "KDoc": "*i64",
+            "Bounds": "*i32",
             "Sq": "i32",
             "Sk": "i32",
             "scale": "fp32",
             "GROUP": "i32",
+            "HEADS": "i32",
         }
     )
     return t
@@ -59,16 +60,17 @@ ATTENTION = [
 def test_flash_attention_compiles_for_sm90(which):
     kernel, tuned = ATTENTION[which]
     for cfg in tuned.configs:  # every configuration the autotuner may pick, at the heaviest variant
-        consts = {"CAUSAL": True, "D": 128, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
+        consts = {"CAUSAL": True, "DOCS": True, "D": 128, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
         compile_sm90(kernel, _attention_types("bf16"), consts, cfg.num_warps, cfg.num_stages)
     cfg = tuned.configs[0]
-    for d, causal, dt, prec in (
-        (64, True, "bf16", "tf32"),
-        (64, False, "bf16", "tf32"),
-        (128, False, "fp16", "tf32"),
-        (64, True, "fp32", "ieee"),
+    for d, causal, docs, dt, prec in (
+        (128, True, False, "bf16", "tf32"),
+        (64, True, False, "bf16", "tf32"),
+        (64, False, False, "bf16", "tf32"),
+        (128, False, True, "fp16", "tf32"),
+        (64, True, False, "fp32", "ieee"),
     ):
-        consts = {"CAUSAL": causal, "D": d, "UPCAST": False, "PREC": prec, **cfg.kwargs}
+        consts = {"CAUSAL": causal, "DOCS": docs, "D": d, "UPCAST": False, "PREC": prec, **cfg.kwargs}
         compile_sm90(kernel, _attention_types(dt), consts, cfg.num_warps, cfg.num_stages)
 
 

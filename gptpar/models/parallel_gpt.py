@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 
 from gptpar.errors import GptparConfigError
 from gptpar.models.gpt import GPTConfig, check_sequence, init_gpt_weights, make_norm, rope_for
+from gptpar.ops.attention import attention
 from gptpar.ops.rope import rope_qkv
 from gptpar.parallel import comm
 from gptpar.parallel.context import SeqShard, ring_attention, seq_shards, ulysses_attention
@@ -97,6 +98,8 @@ class ParallelSelfAttention(nn.Module):
             if self.cp_impl == "ulysses":
                 return ulysses_attention(q, k, v, self.cp, self.shards, causal=True, doc_ids=self.doc_ids)
             return ring_attention(q, k, v, self.cp, self.shards, causal=True, doc_ids=self.doc_ids)[0]
+        if self.doc_ids is not None and self.doc_mask is None:  # the flash kernel masks documents itself
+            return attention(q, k, v, True, None, None, None, (self.doc_ids, self.doc_ids))[0]
         gqa = k.shape[1] != q.shape[1]
         # causal, or causal within each packed document
         mask = {"is_causal": True} if self.doc_mask is None else {"attn_mask": self.doc_mask}
@@ -362,6 +365,14 @@ class ParallelGPT(nn.Module):
         count = comm.all_reduce(count.clone(), self.cp)
         return logits, total / count.clamp(min=1)
 
+    def _flash_documents(self, doc_ids: torch.Tensor) -> bool:
+        """Whether one-rank attention runs the flash kernel with document ids (Triton on, a head size it
+        takes, no attention dropout) rather than SDPA with a dense mask."""
+        from gptpar.ops.attention import flash_kernel_applies
+
+        dropout = self.training and self.config.dropout > 0.0
+        return not dropout and flash_kernel_applies(doc_ids, self.config.head_dim)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -378,8 +389,10 @@ class ParallelGPT(nn.Module):
 
             doc_ids = doc_ids.to(self.state.device)
             doc_pos = document_positions(doc_ids).t()  # [s, b], the whole sequence's
-            # one rank holds the whole sequence: an SDPA mask; cp > 1: ring/Ulysses take the ids themselves
-            doc_mask = document_mask(doc_ids) if self.cp.size == 1 else None
+            # one rank holds the whole sequence: the flash kernel takes the ids (it skips the blocks where
+            # documents do not meet), else an SDPA mask [b, 1, s, s]; cp > 1: ring/Ulysses take the ids
+            if self.cp.size == 1 and not self._flash_documents(doc_ids):
+                doc_mask = document_mask(doc_ids)
         if self.has_embedding:
             seq_len = idx.shape[1]
             if doc_ids is not None:

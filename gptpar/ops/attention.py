@@ -149,6 +149,97 @@ def causal_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tenso
     return tuple(t.to(torch.int32) for t in (khi, kfull, qlo, qfull))
 
 
+def _sorted_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[b, s] -> [b]``: whether each row is non-decreasing (on the device, no sync)."""
+    return (
+        (t[:, 1:] >= t[:, :-1]).all(dim=1)
+        if t.shape[1] > 1
+        else torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+    )
+
+
+def attention_bounds(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    causal: bool,
+    docs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    batch: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' loop bounds: ``(key_bounds [b, 4, sq], query_bounds [b, 4, sk])`` int32, per batch
+    element. For query ``i``: the keys it sees lie in ``[lo, hi)`` and it sees all of ``[flo, fhi)``; for key
+    ``j`` the same over the queries that see it (rows ``lo, hi, flo, fhi``). An empty range is ``[S, 0)`` so
+    that it widens nothing when a block of rows takes the union (min of ``lo``, max of ``hi``) and the
+    intersection (max of ``flo``, min of ``fhi``).
+
+    Causal masking by positions in any order (:func:`causal_bounds`); with ``docs`` (``q_doc [b, sq]``,
+    ``k_doc [b, sk]``) a query's keys are also within the index range holding its document (binary
+    search: packed documents' ids are non-decreasing along each row). A row whose ids are not sorted
+    keeps the positions-only bounds with nothing seen whole, so every block is masked explicitly: slower,
+    never wrong. Computed on the device without a host sync."""
+    sq, sk, dev = q_pos.shape[0], k_pos.shape[0], q_pos.device
+
+    def fill(n, v):
+        return torch.full((n,), v, dtype=torch.int64, device=dev)
+
+    if causal:
+        khi, kfull, qlo, qfull = (t.long() for t in causal_bounds(q_pos, k_pos))
+    else:
+        khi, kfull, qlo, qfull = fill(sq, sk), fill(sq, sk), fill(sk, 0), fill(sk, 0)
+    kb = torch.stack([fill(sq, 0), khi, fill(sq, 0), kfull])  # [4, sq]
+    qb = torch.stack([qlo, fill(sk, sq), qfull, fill(sk, sq)])  # [4, sk]
+    if docs is None:
+        kb, qb = kb.unsqueeze(0).expand(batch, 4, sq), qb.unsqueeze(0).expand(batch, 4, sk)
+    else:
+        q_doc, k_doc = (d.to(device=dev, dtype=torch.int64).contiguous() for d in docs)
+        batch = q_doc.shape[0]
+
+        def narrow(bounds, lo, hi):  # [4, n] within [lo, hi) [b, n] -> [b, 4, n]
+            b = bounds.unsqueeze(0).expand(batch, 4, bounds.shape[-1])
+            return torch.stack(
+                [b[:, 0].maximum(lo), b[:, 1].minimum(hi), b[:, 2].maximum(lo), b[:, 3].minimum(hi)], dim=1
+            )
+
+        ok = (_sorted_rows(q_doc) & _sorted_rows(k_doc)).view(batch, 1, 1)
+        k_doc_b = narrow(kb, torch.searchsorted(k_doc, q_doc), torch.searchsorted(k_doc, q_doc, right=True))
+        q_doc_b = narrow(qb, torch.searchsorted(q_doc, k_doc), torch.searchsorted(q_doc, k_doc, right=True))
+        masked_k = torch.stack([kb[0], kb[1], fill(sq, sk), fill(sq, 0)])  # unsorted ids: nothing seen whole
+        masked_q = torch.stack([qb[0], qb[1], fill(sk, sq), fill(sk, 0)])
+        kb = torch.where(ok, k_doc_b, masked_k.unsqueeze(0))
+        qb = torch.where(ok, q_doc_b, masked_q.unsqueeze(0))
+
+    def normalised(b, extent):
+        b = b.clone()
+        empty = b[:, 0] >= b[:, 1]
+        b[:, 0][empty], b[:, 1][empty] = extent, 0
+        empty = b[:, 2] >= b[:, 3]
+        b[:, 2][empty], b[:, 3][empty] = extent, 0
+        return b.to(torch.int32).contiguous()
+
+    return normalised(kb, sk), normalised(qb, sq)
+
+
+def kernel_tiles(bounds: torch.Tensor, block_rows: int, block_cols: int) -> tuple[int, int]:
+    """``(masked, unmasked)``: how many tiles the kernels visit over ``bounds [b, 4, rows]``
+    (:func:`attention_bounds`) with blocks of ``block_rows`` rows by ``block_cols`` columns, per head: the
+    host's mirror of the kernels' ``_ranges``, for benchmarks and tests of block skipping."""
+    b, _, rows = bounds.shape
+    nblk = -(-rows // block_rows)
+    extent = int(bounds.max()) + 1
+    pad = torch.tensor([extent, 0, 0, extent], dtype=torch.int64).view(1, 4, 1).expand(b, 4, nblk * block_rows - rows)
+    blk = torch.cat([bounds.long(), pad], dim=2).view(b, 4, nblk, block_rows)
+    lo = blk[:, 0].min(-1).values // block_cols * block_cols
+    hi = blk[:, 1].max(-1).values
+    flo = (blk[:, 2].max(-1).values + block_cols - 1) // block_cols * block_cols
+    fhi = blk[:, 3].min(-1).values // block_cols * block_cols
+    none = fhi <= flo
+    flo, fhi = torch.where(none, lo, flo), torch.where(none, lo, fhi)
+
+    def count(a, z):
+        return ((z - a).clamp(min=0) + block_cols - 1) // block_cols
+
+    return int((count(lo, flo) + count(fhi, hi)).sum()), int(count(flo, fhi).sum())
+
+
 def _launch(autotuned, kernel, grid_of, *args, **consts):
     """The autotuned kernel on a GPU; the plain kernel with fixed blocks under the interpreter."""
     if interpreting():
@@ -158,7 +249,14 @@ def _launch(autotuned, kernel, grid_of, *args, **consts):
         autotuned[grid_of](*args, **consts)
 
 
-def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None):
+def _doc_args(docs, qp, kp):
+    """The kernels' document-id pointers: the ids (int64, contiguous), or the positions as unused stand-ins."""
+    if docs is None:
+        return qp, kp
+    return tuple(d.to(device=qp.device, dtype=torch.int64).contiguous() for d in docs)
+
+
+def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None, docs=None):
     """The Triton kernel (``gptpar.kernels.attention``): same contract as the reference."""
     import triton
 
@@ -168,11 +266,12 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     bh, sq, sk = qf.shape[0], qf.shape[1], kf.shape[1]
+    heads = q.shape[-3]
     out = torch.empty_like(qf)
     lse = torch.empty(bh, sq, dtype=torch.float32, device=q.device)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
-    khi, kfull = causal_bounds(qp, kp)[:2] if causal else (qp, qp)  # (unused when not causal)
-    group = kv_group(q, k)
+    kbounds, _ = attention_bounds(qp, kp, causal, docs, bh // heads)
+    qdoc, kdoc = _doc_args(docs, qp, kp)
     _launch(
         kern.attn_fwd,
         kern.attn_fwd_kernel,
@@ -184,13 +283,16 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
         lse,
         qp,
         kp,
-        khi,
-        kfull,
+        qdoc,
+        kdoc,
+        kbounds,
         sq,
         sk,
         scale,
-        group,
+        kv_group(q, k),
+        heads,
         CAUSAL=causal,
+        DOCS=docs is not None,
         D=d,
         UPCAST=upcast_loads(q.dtype),
         PREC=dot_precision(q.dtype),
@@ -198,7 +300,7 @@ def triton_attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
-def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None):
+def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None, docs=None):
     import triton
 
     from gptpar.kernels import attention as kern
@@ -207,18 +309,25 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(dout)
     bh, sq, sk = qf.shape[0], qf.shape[1], kf.shape[1]
+    heads = q.shape[-3]
     lsef = lse.reshape(bh, sq).contiguous().float()
     delta = (dof.float() * _flat(out).float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
     qp, kp = _positions(sq, q_pos, q.device), _positions(sk, k_pos, q.device)
-    khi, kfull, qlo, qfull = causal_bounds(qp, kp) if causal else (qp, qp, kp, kp)  # (unused when not causal)
-    consts = {"CAUSAL": causal, "D": d, "UPCAST": upcast_loads(q.dtype), "PREC": dot_precision(q.dtype)}
+    kbounds, qbounds = attention_bounds(qp, kp, causal, docs, bh // heads)
+    qdoc, kdoc = _doc_args(docs, qp, kp)
+    consts = {
+        "CAUSAL": causal,
+        "DOCS": docs is not None,
+        "D": d,
+        "UPCAST": upcast_loads(q.dtype),
+        "PREC": dot_precision(q.dtype),
+    }
     group = kv_group(q, k)
-    bhkv = kf.shape[0]
     _launch(
         kern.attn_bwd_dkdv,
         kern.attn_bwd_dkdv_kernel,
-        lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), bhkv),
+        lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), kf.shape[0]),
         qf,
         kf,
         vf,
@@ -229,12 +338,14 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
         dv,
         qp,
         kp,
-        qlo,
-        qfull,
+        qdoc,
+        kdoc,
+        qbounds,
         sq,
         sk,
         scale,
         group,
+        heads,
         **consts,
     )
     _launch(
@@ -250,35 +361,39 @@ def triton_attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, 
         dq,
         qp,
         kp,
-        khi,
-        kfull,
+        qdoc,
+        kdoc,
+        kbounds,
         sq,
         sk,
         scale,
         group,
+        heads,
         **consts,
     )
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
-def _triton(q: torch.Tensor) -> bool:
+def flash_kernel_applies(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether attention on ``x``'s device with heads of ``head_dim`` runs the Triton flash kernel."""
+    return use_triton(x) and head_dim in (16, 32, 64, 128)
 
-    d = q.shape[-1]
-    return use_triton(q) and d in (16, 32, 64, 128) and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+def _triton(q: torch.Tensor) -> bool:
+    return flash_kernel_applies(q, q.shape[-1]) and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
 def attention_forward(q, k, v, causal=True, q_pos=None, k_pos=None, scale=None, docs=None):
-    """Dispatching forward: the Triton kernel for CUDA tensors (or ``GPTPAR_TRITON=1``), else the reference.
-    Document masks (``docs``) run on the reference (the kernel does not take them yet)."""
-    if docs is None and _triton(q):
-        return triton_attention_forward(q, k, v, causal, q_pos, k_pos, scale)
+    """Dispatching forward: the Triton kernel for CUDA tensors (or ``GPTPAR_TRITON=1``), else the reference."""
+    if _triton(q):
+        return triton_attention_forward(q, k, v, causal, q_pos, k_pos, scale, docs)
     return reference_attention_forward(q, k, v, causal, q_pos, k_pos, scale, docs)
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=True, q_pos=None, k_pos=None, scale=None, docs=None):
     """Dispatching backward for one block; see module docstring."""
-    if docs is None and _triton(q):
-        return triton_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale)
+    if _triton(q):
+        return triton_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale, docs)
     return reference_attention_backward(dout, q, k, v, out, lse, causal, q_pos, k_pos, scale, docs)
 
 
