@@ -1,8 +1,10 @@
 """Pipeline schedules on CPU processes at p=2 and p=4, m=8: measured bubble and hidden-communication
 fractions per schedule, and step time, tokens/s and peak memory per rank side by side with
-torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) on the same model,
-split at the same layers, in the same run (timings alternate; memory is measured in a fresh process per
-implementation: peak resident bytes above the process's baseline).
+torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
+ScheduleDualPipeV) on the same model, split at the same layers and placed on the same ranks, in the same
+run: each step time is the median of ``--reps`` runs interleaved (gptpar, torch, gptpar, torch, ...)
+with the spread (max - min) beside it. Memory is measured in a fresh process per implementation: peak
+resident bytes above the process's baseline.
 
     python bench/pipeline.py [--layers 8] [--d-model 256] [--seq 128] [--batch 16] [--reps 3]
 
@@ -24,11 +26,18 @@ from common import peak_memory_of, timed_interleaved
 from torch import nn
 
 from gptpar import GPT, GPTConfig, ParallelLayout, init_parallel
-from gptpar.pipeline import build, make_pipeline, partition, simulate
+from gptpar.pipeline import build, make_pipeline, partition, placement, plot_timeline, simulate, virtual_stage
 from gptpar.testing import run_distributed
 
 M = 8
-SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1))
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zbv", 2), ("dualpipev", 2))
+TORCH = {  # gptpar's schedule -> torch.distributed.pipelining's class of the same name (ZB-H1: none)
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved": "ScheduleInterleaved1F1B",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
+}
 
 
 class _TorchStage(nn.Module):
@@ -63,7 +72,7 @@ def _build(impl, name, v, config, batch, p, record=False):
     st = init_parallel(ParallelLayout(pp=p))
     idx, tgt = _batch(config, batch)
     if impl == "gptpar":
-        eng = make_pipeline(config, st, name, M, v, record=record)[0]
+        eng = make_pipeline(config, st, name, M, v if name == "interleaved" else 1, record=record)[0]
 
         def step():
             eng.step(idx, tgt)
@@ -72,23 +81,24 @@ def _build(impl, name, v, config, batch, p, record=False):
 
         step.engine = eng
         return step
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    import torch.distributed.pipelining as pipelining
+    from torch.distributed.pipelining import PipelineStage
 
-    part = partition(config, p, v)
+    style = placement(name)
+    part = partition(config, p, v, style=style)
     ref = GPT(config)
+    stage_ids = [virtual_stage(st.pp.rank, c, p, style) for c in range(v)]
     stages = [
-        PipelineStage(
-            _TorchStage(ref, *part.units(st.pp.rank, c)), c * p + st.pp.rank, p * v, torch.device("cpu"), group=st.pp.pg
-        )
-        for c in range(v)
+        PipelineStage(_TorchStage(ref, *part.units(st.pp.rank, c)), s, p * v, torch.device("cpu"), group=st.pp.pg)
+        for c, s in enumerate(stage_ids)
     ]
 
     def loss_fn(logits, target):
         return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
 
-    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[name]
+    cls = getattr(pipelining, TORCH[name])
     sched = cls(stages if v > 1 else stages[0], M, loss_fn=loss_fn)
-    first, last = st.pp.rank == 0, st.pp.rank == (p * v - 1) % p
+    first, last = 0 in stage_ids, p * v - 1 in stage_ids
 
     def step():
         kw = {"target": tgt} if last else {}
@@ -104,7 +114,7 @@ def _rank(config, batch, reps, p):
     out = {}
     for name, v in SCHEDULES:
         ours = _build("gptpar", name, v, config, batch, p, record=True)
-        theirs = _build("torch", name, v, config, batch, p) if name != "zb-h1" else None
+        theirs = _build("torch", name, v, config, batch, p) if name in TORCH else None
         fns = {"ours": ours} if theirs is None else {"ours": ours, "torch": theirs}  # alternated, warm-up first
         runs = timed_interleaved(fns, reps, barrier=lambda: torch.distributed.barrier(st.pp.pg))
         times, torch_times = runs["ours"], runs.get("torch", [])
@@ -112,9 +122,12 @@ def _rank(config, batch, reps, p):
         busy = sum(t1 - t0 for kind, _, _, t0, t1 in stats.events if kind != "wait")
         out[name] = {
             "time_s": statistics.median(times),
+            "spread_s": max(times) - min(times),
             "torch_time_s": statistics.median(torch_times) if torch_times else None,
+            "torch_spread_s": max(torch_times) - min(torch_times) if torch_times else None,
             "busy_fraction": busy / stats.total_s,
             "hidden_comm_fraction": stats.hidden_comm_fraction,
+            "events": stats.events,
         }
     return out
 
@@ -142,22 +155,30 @@ def main() -> None:
         f"seq={a.seq}, batch={a.batch}), fp32, CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     )
     print(
-        f"{'p':>2} {'schedule':15s} {'gptpar s':>9s} {'tok/s':>7s} {'MB/rank':>8s} {'torch s':>8s} {'tok/s':>7s} "
+        f"{'p':>2} {'schedule':15s} {'gptpar s':>12s} {'tok/s':>7s} {'MB/rank':>8s} {'torch s':>12s} {'tok/s':>7s} "
         f"{'MB/rank':>8s} {'torch/gptpar':>12s} {'bubble sim':>10s} {'meas':>6s} {'comm hidden':>11s}"
     )
+    figs = os.path.dirname(a.out)
+    os.makedirs(figs, exist_ok=True)
     for p in (2, 4):
         res = run_distributed(_rank, p, config, a.batch, a.reps, p, timeout=1800)
         for name, v in SCHEDULES:
-            t = max(r[name]["time_s"] for r in res)
-            tt = res[0][name]["torch_time_s"]
-            tt = max(r[name]["torch_time_s"] for r in res) if tt is not None else None
+            slow = max(res, key=lambda r, name=name: r[name]["time_s"])[name]  # the slowest rank's runs
+            t, spread = slow["time_s"], slow["spread_s"]
+            tt = tspread = None
+            if res[0][name]["torch_time_s"] is not None:
+                tslow = max(res, key=lambda r, name=name: r[name]["torch_time_s"])[name]
+                tt, tspread = tslow["torch_time_s"], tslow["torch_spread_s"]
             mem = max(run_distributed(_peak, p, "gptpar", name, v, config, a.batch, p, fresh=True, timeout=600))
             tmem = (
                 max(run_distributed(_peak, p, "torch", name, v, config, a.batch, p, fresh=True, timeout=600))
                 if tt
                 else None
             )
-            sim = simulate(build(name, p, M, v), v).bubble_fraction
+            sim = simulate(build(name, p, M, v), v, style=placement(name)).bubble_fraction
+            if name in ("zbv", "dualpipev"):
+                events = [r[name]["events"] for r in res]
+                plot_timeline(events, os.path.join(figs, f"pipeline_{name}_p{p}.png"), f"{name} p={p} m={M}, measured")
             meas = 1 - statistics.mean(r[name]["busy_fraction"] for r in res)
             hidden = statistics.mean(r[name]["hidden_comm_fraction"] for r in res)
             rows.append(
@@ -166,9 +187,11 @@ def main() -> None:
                     "schedule": name,
                     "v": v,
                     "time_s": t,
+                    "spread_s": spread,
                     "tokens_per_s": tokens / t,
                     "peak_bytes": mem,
                     "torch_time_s": tt,
+                    "torch_spread_s": tspread,
                     "torch_peak_bytes": tmem,
                     "bubble_simulated": sim,
                     "bubble_measured": meas,
@@ -176,13 +199,13 @@ def main() -> None:
                 }
             )
             torch_cols = (
-                f"{tt:8.3f} {tokens / tt:7.0f} {tmem / 1e6:8.1f} {tt / t:12.2f}"
+                f"{tt:6.3f}+-{tspread:.3f} {tokens / tt:7.0f} {tmem / 1e6:8.1f} {tt / t:12.2f}"
                 if tt
-                else f"{'-':>8s} {'-':>7s} {'-':>8s} {'-':>12s}"
+                else f"{'-':>12s} {'-':>7s} {'-':>8s} {'-':>12s}"
             )
             print(
-                f"{p:2d} {name + (f' v={v}' if v > 1 else ''):15s} {t:9.3f} {tokens / t:7.0f} {mem / 1e6:8.1f} "
-                f"{torch_cols} {sim:10.3f} {meas:6.3f} {hidden:11.3f}"
+                f"{p:2d} {name + (f' v={v}' if v > 1 else ''):15s} {t:6.3f}+-{spread:.3f} {tokens / t:7.0f} "
+                f"{mem / 1e6:8.1f} {torch_cols} {sim:10.3f} {meas:6.3f} {hidden:11.3f}"
             )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

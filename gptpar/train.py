@@ -275,9 +275,16 @@ def resolve(args: argparse.Namespace, vocab_size: int | None = None) -> Run:
         over["vocab_multiple"] = args.vocab_multiple
         model = preset(args.model, **over)
     layout.validate_model(model)
-    if args.schedule == "interleaved" and args.pp == 1:
-        raise GptparConfigError("--schedule interleaved needs --pp > 1")
+    if args.schedule in ("interleaved", "zbv", "dualpipev") and args.pp == 1:
+        raise GptparConfigError(f"--schedule {args.schedule} needs --pp > 1")
     m = args.micro_batches or (2 * args.pp if args.pp > 1 else 1)
+    if args.schedule in ("zbv", "dualpipev") and model.n_layer + 2 < 2 * args.pp:
+        raise GptparConfigError(
+            f"{model.n_layer} layers + embedding + head cannot fill the 2*pp = {2 * args.pp} stages of "
+            f"--schedule {args.schedule} (two chunks per rank)"
+        )
+    if args.schedule == "dualpipev" and m < 2 * args.pp:
+        raise GptparConfigError(f"--micro-batches {m} must be at least 2*pp = {2 * args.pp} for --schedule dualpipev")
     if args.schedule == "interleaved":
         if m % args.pp:
             raise GptparConfigError(

@@ -15,10 +15,13 @@ from gptpar.pipeline import (
     build,
     build_stage_chunks,
     partition,
+    placement,
     plot_timeline,
     profile_unit_costs,
     simulate,
+    stage_rank,
     validate,
+    virtual_stage,
 )
 from gptpar.testing import run_distributed
 
@@ -53,6 +56,27 @@ def test_zero_bubble_is_lower_than_1f1b_with_the_same_memory(p, m):
     assert all(a.kind in "FIW" for r in acts for a in r)
 
 
+@pytest.mark.parametrize("p, m", [(2, 4), (2, 8), (4, 8), (4, 16), (3, 6)])
+def test_v_schedules_are_valid_and_beat_1f1b_bubble_within_its_memory(p, m):
+    """ZB-V and DualPipeV: two chunks per rank in a V (chunk 0 = stage r, chunk 1 = stage 2p-1-r); at unit
+    costs per chunk (half a stage each) ZB-V's bubble is under half of 1F1B's, and a rank holds at most
+    2p chunk-microbatches' activations (1F1B's p full-stage ones)."""
+    half = {"F": 0.5, "B": 1.0, "I": 0.5, "W": 0.5}
+    ofob = simulate(build("1f1b", p, m))
+    for name in ("zbv", "dualpipev"):
+        acts = build(name, p, m)
+        validate(acts, m, 2)
+        sim = simulate(acts, 2, half, placement(name))
+        assert sim.bubble_fraction <= 0.5 * ofob.bubble_fraction, (name, sim.bubble_fraction, ofob.bubble_fraction)
+        assert max(sim.peak_in_flight) <= 2 * p + 1, (name, sim.peak_in_flight)
+        assert sim.makespan < ofob.makespan
+    assert all(a.kind in "FIW" for r in build("zbv", p, m) for a in r)
+    assert [virtual_stage(r, c, p, "v") for r in range(p) for c in (0, 1)] == [
+        s for r in range(p) for s in (r, 2 * p - 1 - r)
+    ]
+    assert all(stage_rank(virtual_stage(r, c, p, "v"), p, "v") == r for r in range(p) for c in (0, 1))
+
+
 def test_simulator_detects_deadlock_and_invalid_schedules():
     # rank 0 wants B1 (needs rank 1's B1, which needs F1 from rank 0) before it runs F1: deadlock.
     bad = [
@@ -65,6 +89,8 @@ def test_simulator_detects_deadlock_and_invalid_schedules():
         validate([[Action("F", 0), Action("B", 0)]], m=2)
     with pytest.raises(GptparConfigError, match="interleaved schedule needs micro-batches m=6 divisible by pp=4"):
         build("interleaved", 4, 6, 2)
+    with pytest.raises(GptparConfigError, match="dualpipev schedule needs micro-batches m=6 >= 2 \\* pp = 8"):
+        build("dualpipev", 4, 6)
     with pytest.raises(GptparConfigError, match="schedule 'pipedream' is unknown"):
         build("pipedream", 2, 2)
 
@@ -170,7 +196,19 @@ def test_pipeline_matches_reference_over_three_steps(schedule, pp, v, config):
     _check(res, config, 3, f"{schedule} pp={pp} v={v}")
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+V_CASES = [("zbv", 2, 4, UNTIED), ("dualpipev", 2, 4, CONFIG), ("zbv", 4, 8, CONFIG), ("dualpipev", 4, 8, CONFIG)]
+
+
+@pytest.mark.parametrize("schedule, pp, m, config", V_CASES, ids=[f"{s}-pp{p}-m{m}" for s, p, m, _ in V_CASES])
+def test_v_schedules_match_reference_over_two_steps(schedule, pp, m, config):
+    """ZB-V and DualPipeV: the first rank holds the embedding and the head (tied or not), the last rank
+    hands its chunk 0's output to its own chunk 1 in memory."""
+    res = run_distributed(train_pipeline, pp, config, ParallelLayout(pp=pp), 2, schedule, m, 1, None, m)
+    assert f"stage {2 * pp - 1} (rank 0, chunk 1)" in res[0][3] and f"stage {pp} (rank {pp - 1}, chunk 1)" in res[0][3]
+    _check(res, config, 2, f"{schedule} pp={pp} m={m}", b=m)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "zbv", "dualpipev"])
 def test_pipeline_with_tensor_parallel_stages(schedule):
     res = run_distributed(
         train_pipeline, 4, CONFIG, ParallelLayout(tp=2, pp=2), 3, schedule, 4, 1, {"sequence_parallel": True}

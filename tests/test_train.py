@@ -489,11 +489,11 @@ def _rewind(src, dst, step):
     [
         ["--nproc", "4", "--dp", "4"],
         ["--nproc", "4", "--tp", "4"],
-        ["--nproc", "2", "--pp", "2"],
+        ["--nproc", "2", "--pp", "2", "--schedule", "zbv"],
         ["--nproc", "1"],
         ["--nproc", "2", "--dp", "2", "--zero"],
     ],
-    ids=["dp4", "tp4", "pp2", "tp1", "dp2-zero1"],
+    ids=["dp4", "tp4", "pp2-zbv", "tp1", "dp2-zero1"],
 )
 def test_resume_at_another_layout_continues_the_uninterrupted_curve(single, tp2pp2, tmp_path, cache, layout):
     # tp2 x pp2 saved at step 10 with AdamW; the moments and step count move to the new layout with the

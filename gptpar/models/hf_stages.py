@@ -24,6 +24,7 @@ from gptpar.errors import GptparConfigError
 from gptpar.parallel.mesh import ParallelState
 from gptpar.parallel.pipeline.engine import PipelineEngine
 from gptpar.parallel.pipeline.partition import Partition, partition_units, profile_costs
+from gptpar.parallel.pipeline.schedules import chunks_per_rank, placement
 
 _GPT2 = ("GPT2LMHeadModel",)
 _LLAMA = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -206,7 +207,7 @@ def hf_unit_costs(model: nn.Module, costs: str = "params", batch: int = 2, seq_l
 
 
 def hf_stages(
-    model: nn.Module, state: ParallelState, v: int = 1, costs: str | list[float] = "params"
+    model: nn.Module, state: ParallelState, v: int = 1, costs: str | list[float] = "params", style: str = "loop"
 ) -> tuple[list[HFCausalLMStage], Partition]:
     """This pp rank's ``v`` chunks of ``model`` (a balanced split of its units over ``pp * v`` virtual
     stages). The layers of other stages are replaced by ``nn.Identity`` in ``model`` so their memory can be
@@ -220,7 +221,7 @@ def hf_stages(
         )
     c = list(costs) if not isinstance(costs, str) else hf_unit_costs(model, costs)
     names = ["embedding"] + [f"layer.{i}" for i in range(n)] + ["head"]
-    part = partition_units(names, c, pp, v)
+    part = partition_units(names, c, pp, v, style=style)
     chunks = [HFCausalLMStage(model, part.units(state.pp.rank, k)) for k in range(v)]
     mine = {i for ch in chunks for i in ch.layer_ids}
     for i in range(n):
@@ -243,6 +244,7 @@ def hf_pipeline(
 ) -> tuple[PipelineEngine, Partition]:
     """Pipeline a transformers causal LM (optionally tensor-parallelised first with
     :func:`gptpar.parallelize`) over ``state``'s pp group: returns the engine (``engine.step(idx, targets)``,
-    targets already shifted, ``-100`` ignored) and the partition. ``v`` chunks per rank for 'interleaved'."""
-    chunks, part = hf_stages(model, state, v if schedule == "interleaved" else 1, costs)
+    targets already shifted, ``-100`` ignored) and the partition. ``v`` chunks per rank for 'interleaved'
+    (two, in a V, for 'zbv' and 'dualpipev')."""
+    chunks, part = hf_stages(model, state, chunks_per_rank(schedule, v), costs, placement(schedule))
     return PipelineEngine(chunks, state, schedule, micro_batches, **engine_options), part

@@ -17,6 +17,7 @@ from gptpar.models.gpt import GPT, GPTConfig, rope_for
 from gptpar.parallel.mesh import ParallelState
 from gptpar.parallel.pipeline.engine import PipelineEngine
 from gptpar.parallel.pipeline.partition import Partition, partition_units, profile_costs
+from gptpar.parallel.pipeline.schedules import chunks_per_rank, placement
 
 COST_MODELS = ("params", "flops", "profile")
 
@@ -66,13 +67,15 @@ def profile_unit_costs(config: GPTConfig, batch: int = 2, seq_len: int | None = 
     return profile_costs([emb] + [block(b) for b in model.blocks] + [head], reps)
 
 
-def partition(config: GPTConfig, pp: int, v: int = 1, costs: str | list[float] = "params") -> Partition:
-    """Balanced split of ``config``'s units over ``pp * v`` virtual stages."""
+def partition(
+    config: GPTConfig, pp: int, v: int = 1, costs: str | list[float] = "params", style: str = "loop"
+) -> Partition:
+    """Balanced split of ``config``'s units over ``pp * v`` virtual stages, placed on ranks by ``style``."""
     names = unit_names(config)
     if config.n_layer < pp:
         raise GptparConfigError(f"n_layer={config.n_layer} is less than pp={pp} (every pipeline stage needs a layer)")
     c = list(costs) if not isinstance(costs, str) else unit_costs(config, costs)
-    return partition_units(names, c, pp, v)
+    return partition_units(names, c, pp, v, style=style)
 
 
 def build_stage_chunks(config: GPTConfig, state: ParallelState, part: Partition, **options) -> list[nn.Module]:
@@ -96,6 +99,6 @@ def make_pipeline(
 ) -> tuple[PipelineEngine, Partition]:
     """Partition ``config`` over the pp group, build this rank's chunks, and return the engine.
     ``options`` go to each chunk's :class:`~gptpar.models.parallel_gpt.ParallelGPT`."""
-    part = partition(config, state.pp.size, v if schedule == "interleaved" else 1, costs)
+    part = partition(config, state.pp.size, chunks_per_rank(schedule, v), costs, placement(schedule))
     chunks = build_stage_chunks(config, state, part, **options)
     return PipelineEngine(chunks, state, schedule, micro_batches, negotiate_shapes, record, measure_memory), part

@@ -15,8 +15,6 @@ Under autocast the Triton path runs in the autocast dtype, as ``F.linear`` would
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -82,18 +80,15 @@ def linear_act_forward(x, weight, bias, activation: str) -> tuple[torch.Tensor, 
     return y.view(*shape[:-1], f), pre.view(*shape[:-1], w.shape[0])
 
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
 def reference_act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation's gradient by ATen's own fused elementwise kernels (``gelu_backward``,
+    ``silu_backward``: one pass each, as eager autograd runs them), computed in fp32 or wider."""
     acc = torch.promote_types(pre.dtype, torch.float32)
     p, g = pre.to(acc), dy.to(acc)
     if activation == "swiglu":
         gate, up = p.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        return torch.cat([g * up * sig * (1 + gate * (1 - sig)), g * gate * sig], dim=-1).to(pre.dtype)
-    t = torch.tanh(_SQRT_2_OVER_PI * (p + 0.044715 * p**3))
-    return (g * (0.5 * (1 + t) + 0.5 * p * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * p * p))).to(pre.dtype)
+        return torch.cat([torch.ops.aten.silu_backward(g * up, gate), g * F.silu(gate)], dim=-1).to(pre.dtype)
+    return torch.ops.aten.gelu_backward(g, p, approximate="tanh").to(pre.dtype)
 
 
 def act_backward(pre: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.Tensor:

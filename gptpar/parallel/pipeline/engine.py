@@ -21,7 +21,7 @@ from gptpar.ops.wgrad import defer_weight_grads
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import ParallelState
 from gptpar.parallel.pipeline.p2p import StageP2P
-from gptpar.parallel.pipeline.schedules import Action, build
+from gptpar.parallel.pipeline.schedules import Action, build, chunks_per_rank, placement, stage_rank, virtual_stage
 from gptpar.parallel.pipeline.stage import check_stage
 
 
@@ -42,8 +42,9 @@ class StepStats:
 
 
 class PipelineEngine:
-    """Runs ``schedule`` over ``chunks``: this rank's ``v`` model chunks (chunk c = virtual stage c*pp+rank),
-    each a :class:`~gptpar.parallel.pipeline.stage.Stage`. Collective over pp at construction (the ranks agree
+    """Runs ``schedule`` over ``chunks``: this rank's ``v`` model chunks (chunk c = virtual stage c*pp+rank;
+    for ZB-V and DualPipeV two chunks in a V, stages ``rank`` and ``2pp-1-rank``), each a
+    :class:`~gptpar.parallel.pipeline.stage.Stage`. Collective over pp at construction (the ranks agree
     on the shape of the tensors tied across stages)."""
 
     def __init__(
@@ -60,11 +61,14 @@ class PipelineEngine:
             check_stage(chunk, f"pipeline chunk {c}")
         self.chunks, self.state = chunks, state
         self.p, self.rank, self.v, self.m = state.pp.size, state.pp.rank, len(chunks), micro_batches
-        if schedule != "interleaved" and self.v != 1:
-            raise GptparConfigError(f"schedule {schedule!r} runs one chunk per rank; got {self.v} (use 'interleaved')")
         if schedule == "interleaved" and self.v < 2:
             raise GptparConfigError("the interleaved schedule needs v >= 2 model chunks per rank")
-        self.schedule = schedule
+        if schedule != "interleaved" and self.v != chunks_per_rank(schedule):
+            raise GptparConfigError(
+                f"schedule {schedule!r} runs {chunks_per_rank(schedule)} chunk(s) per rank; got {self.v} "
+                "(more than one in a loop: 'interleaved')"
+            )
+        self.schedule, self.style = schedule, placement(schedule)
         self.actions: list[Action] = build(schedule, self.p, micro_batches, self.v)[self.rank]
         self.p2p = StageP2P(state.pp, negotiate_shapes)
         self.record = record
@@ -76,7 +80,10 @@ class PipelineEngine:
 
     # -- helpers
     def _vs(self, chunk: int) -> int:
-        return chunk * self.p + self.rank
+        return virtual_stage(self.rank, chunk, self.p, self.style)
+
+    def _rank_of(self, vs: int) -> int:
+        return stage_rank(vs, self.p, self.style)
 
     def _tag(self, mb: int, vs: int, backward: bool) -> int:
         return 2 * (mb * self.nvs + vs) + int(backward)
@@ -91,7 +98,7 @@ class PipelineEngine:
             src_vs, tag = vs - 1, self._tag(a.mb, vs - 1, False)
         else:
             src_vs, tag = vs + 1, self._tag(a.mb, vs + 1, True)
-        return self.p2p.recv(src_vs % self.p, tag, self.shape, self.dtype, self.state.device)
+        return self.p2p.recv(self._rank_of(src_vs), tag, self.shape, self.dtype, self.state.device)
 
     def _normalizer(self, targets, normalizer, ignore_index):
         if normalizer is None:  # this batch's valid tokens, over all of its microbatches
@@ -167,7 +174,7 @@ class PipelineEngine:
                         y = loss * loss_scale
                     else:
                         y = chunk(x, **side(a.mb))
-                        self.p2p.send(y.detach(), (vs + 1) % self.p, self._tag(a.mb, vs, False))
+                        self.p2p.send(y.detach(), self._rank_of(vs + 1), self._tag(a.mb, vs, False))
                 store[key] = (x, y)
                 act_bytes[key] = saved[0]
                 live += 1
@@ -190,7 +197,7 @@ class PipelineEngine:
                 else:
                     torch.autograd.backward(y, grad)
                 if vs > 0:
-                    self.p2p.send(x.grad, (vs - 1) % self.p, self._tag(a.mb, vs, True))
+                    self.p2p.send(x.grad, self._rank_of(vs - 1), self._tag(a.mb, vs, True))
                 if a.kind == "B":
                     live -= 1
                     live_bytes -= act_bytes.pop(key)
@@ -204,8 +211,7 @@ class PipelineEngine:
         self.p2p.wait_sends()
         self._sync_tied_grads()
         loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.state.device)
-        last_rank = (self.nvs - 1) % self.p
-        comm.broadcast(loss, self.state.pp, src=last_rank)
+        comm.broadcast(loss, self.state.pp, src=self._rank_of(self.nvs - 1))
         stats.total_s = time.perf_counter() - t_start
         stats.blocked_s = self.p2p.blocked_s
         self.last_stats = stats
@@ -251,10 +257,10 @@ class PipelineEngine:
                     tgt = mb_tgt[mb].to(self.state.device)
                     losses.append(chunk(x, tgt, ignore_index, loss_normalizer=norm, **side(mb))[1])
                 else:
-                    self.p2p.send(chunk(x, **side(mb)), (vs + 1) % self.p, self._tag(mb, vs, False))
+                    self.p2p.send(chunk(x, **side(mb)), self._rank_of(vs + 1), self._tag(mb, vs, False))
         self.p2p.wait_sends()
         loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.state.device)
-        comm.broadcast(loss, self.state.pp, src=(self.nvs - 1) % self.p)
+        comm.broadcast(loss, self.state.pp, src=self._rank_of(self.nvs - 1))
         return loss
 
     def _agree_tied_shape(self) -> tuple[int, ...] | None:

@@ -5,6 +5,8 @@ are in flight while the rank computes; sends are asynchronous and waited at the 
 message has a tag unique to (microbatch, virtual stage, direction), so messages cannot be matched to the
 wrong receive whatever order the schedule posts them in.
 
+A transfer between two stages on the same rank (the bottom of a V placement) is a hand-over in memory.
+
 Shapes: static (both sides compute the shape, nothing extra is sent) or negotiated (the sender first
 sends a small shape header; the receiver allocates on arrival) for variable sequence lengths. Works on
 gloo and NCCL (on NCCL, tensors live on the rank's GPU). Time blocked in waits is accumulated.
@@ -47,12 +49,25 @@ class Recv:
         return self.buf
 
 
+class LocalRecv:
+    """A "receive" from this rank itself: the tensor its own earlier send left behind."""
+
+    def __init__(self, owner: StageP2P, tag: int) -> None:
+        self.owner, self.tag = owner, tag
+
+    def wait(self) -> torch.Tensor:
+        if self.tag not in self.owner.local:
+            raise RuntimeError(f"pipeline: a stage on this rank waits for tag {self.tag} it never sent (schedule bug)")
+        return self.owner.local.pop(self.tag)
+
+
 class StageP2P:
     """Sends and receives between the ranks of ``group`` (the pp group); peers are group-local ranks."""
 
     def __init__(self, group: Group, negotiate_shapes: bool = False) -> None:
         self.group, self.negotiate = group, negotiate_shapes
         self.pending: list[tuple[P2PHandle, torch.Tensor]] = []
+        self.local: dict[int, torch.Tensor] = {}  # tag -> tensor sent from this rank to itself
         self.blocked_s = 0.0
 
     def _irecv(self, buf: torch.Tensor, src: int, tag: int) -> P2PHandle:
@@ -60,9 +75,14 @@ class StageP2P:
 
     def recv(self, src: int, tag: int, shape, dtype, device) -> Recv:
         """Post a receive now; ``.wait()`` returns the tensor."""
+        if src == self.group.rank:
+            return LocalRecv(self, tag)
         return Recv(self, src, tag, shape, dtype, device)
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        if dst == self.group.rank:
+            self.local[tag] = tensor
+            return
         tensor = tensor.contiguous()
         if self.negotiate:
             if tensor.dim() > MAX_DIMS:

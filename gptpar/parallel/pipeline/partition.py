@@ -4,7 +4,8 @@ stages. Model-agnostic: the units and their costs come from the model side (gptp
 :func:`profile_costs` run). The split minimises the most expensive stage (contiguous ranges, every stage
 non-empty; uneven splits allowed).
 With ``v`` chunks per rank there are ``pp * v`` virtual stages; virtual stage ``c * pp + r`` is chunk ``c``
-of pipeline rank ``r``.
+of pipeline rank ``r`` (``style="v"``, ZB-V and DualPipeV: chunk 0 is stage ``r``, chunk 1 stage
+``2 pp - 1 - r``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from gptpar.errors import GptparConfigError
+from gptpar.parallel.pipeline.schedules import stage_rank, virtual_stage
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,10 @@ class Partition:
     bounds: tuple[tuple[int, int], ...]  # per virtual stage: units [a, b)
     pp: int
     v: int = 1
+    style: str = "loop"  # how chunks sit on ranks (schedules.placement)
 
     def units(self, rank: int, chunk: int = 0) -> tuple[int, int]:
-        return self.bounds[chunk * self.pp + rank]
+        return self.bounds[virtual_stage(rank, chunk, self.pp, self.style)]
 
     def stage_costs(self) -> list[float]:
         return [sum(self.costs[a:b]) for a, b in self.bounds]
@@ -43,7 +46,8 @@ class Partition:
             f"pipeline split into {len(self.bounds)} stage(s) (pp={self.pp}, v={self.v}), imbalance {self.imbalance():.3f}"
         ]
         for i, ((a, b), share) in enumerate(zip(self.bounds, self.shares(), strict=True)):
-            rank, chunk = i % self.pp, i // self.pp
+            rank = stage_rank(i, self.pp, self.style)
+            chunk = next(c for c in range(self.v) if virtual_stage(rank, c, self.pp, self.style) == i)
             first, last = self.names[a], self.names[b - 1]
             lines.append(
                 f"  stage {i} (rank {rank}, chunk {chunk}): {first}..{last} ({b - a} units), {100 * share:.1f}% of cost"
@@ -79,14 +83,22 @@ def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
 
 
 def partition_units(
-    names: list[str] | tuple[str, ...], costs: list[float], pp: int, v: int = 1, min_units: int = 0
+    names: list[str] | tuple[str, ...],
+    costs: list[float],
+    pp: int,
+    v: int = 1,
+    min_units: int = 0,
+    style: str = "loop",
 ) -> Partition:
     """Balanced split of the units ``names`` (with per-unit ``costs``, from the model side) over ``pp * v``
     virtual stages. ``min_units``: the model's count of units that every stage needs at least one of
     (e.g. transformer blocks); fewer than ``pp`` is an error naming it."""
     if len(costs) != len(names):
         raise GptparConfigError(f"got {len(costs)} unit costs for {len(names)} units ({names[0]}, ..., {names[-1]})")
-    return Partition(tuple(names), tuple(float(x) for x in costs), tuple(balance(list(costs), pp * v)), pp, v)
+    if style == "v" and v != 2:
+        raise GptparConfigError(f"a V placement has 2 chunks per rank, got v={v}")
+    bounds = tuple(balance(list(costs), pp * v))
+    return Partition(tuple(names), tuple(float(x) for x in costs), bounds, pp, v, style)
 
 
 def profile_costs(units: list, reps: int = 3) -> list[float]:

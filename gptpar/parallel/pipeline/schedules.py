@@ -8,8 +8,15 @@ model chunk (``chunk`` is the rank's local chunk index; with ``v`` chunks per ra
 receives a forward's input from the previous virtual stage and a backward's output gradient from the
 next, and posts every receive before the compute that precedes it.
 
+Placement: GPipe, 1F1B and ZB-H1 run one chunk per rank; interleaved ``v`` chunks in a loop (chunk ``c``
+of rank ``r`` is virtual stage ``c * p + r``); ZB-V and DualPipeV two chunks in a V (chunk 0 of rank
+``r`` is stage ``r``, chunk 1 is stage ``2p - 1 - r``: the first rank holds the first and the last
+stage, and the last rank passes its chunk 0's output to its own chunk 1 without a transfer).
+
 Bubble fractions (unit costs, ``T_B = 2 T_F``): GPipe and 1F1B ``(p-1)/(m+p-1)``; interleaved 1F1B
-``(p-1)/(v m + p - 1)``; ZB-H1 lower still (weight gradients fill the warm-up/cool-down bubbles).
+``(p-1)/(v m + p - 1)``; ZB-H1 lower still (weight gradients fill the warm-up/cool-down bubbles); ZB-V
+close to zero once ``m >= 2p`` (with ``T_F = T_I = T_W``); DualPipeV pairs one microbatch's forward on
+one chunk with another's backward on the other, so their P2P transfers are in flight together.
 """
 
 from __future__ import annotations
@@ -18,7 +25,32 @@ from dataclasses import dataclass
 
 from gptpar.errors import GptparConfigError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "dualpipev")
+V_SCHEDULES = ("zbv", "dualpipev")  # two chunks per rank, V placement
+
+
+def placement(schedule: str) -> str:
+    """How ``schedule`` places chunks on ranks: ``"v"`` (ZB-V, DualPipeV) or ``"loop"`` (the others)."""
+    return "v" if schedule in V_SCHEDULES else "loop"
+
+
+def chunks_per_rank(schedule: str, v: int = 1) -> int:
+    """Model chunks each rank holds under ``schedule``: ``v`` for interleaved, 2 for the V schedules, else 1."""
+    return v if schedule == "interleaved" else 2 if schedule in V_SCHEDULES else 1
+
+
+def virtual_stage(rank: int, chunk: int, p: int, style: str = "loop") -> int:
+    """The virtual stage that ``chunk`` of pipeline ``rank`` runs (``p`` ranks; ``style`` of :func:`placement`)."""
+    if style == "v":
+        return rank if chunk == 0 else 2 * p - 1 - rank
+    return chunk * p + rank
+
+
+def stage_rank(vs: int, p: int, style: str = "loop") -> int:
+    """The pipeline rank holding virtual stage ``vs``."""
+    if style == "v":
+        return vs if vs < p else 2 * p - 1 - vs
+    return vs % p
 
 
 @dataclass(frozen=True)
@@ -126,6 +158,121 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
     return acts
 
 
+def zbv(p: int, m: int) -> list[list[Action]]:
+    """ZB-V (Qi et al. 2023, section 6): two chunks per rank in a V, backward split into ``I`` and ``W``.
+    Warm-up: ``2(p-r)-1`` chunk-0 forwards, then ``r`` pairs of chunk-1/chunk-0 forwards, then ``p-r``
+    chunk-1 ``F I W`` (the bottom of the V turns each microbatch around at once); steady state
+    ``F0 I0 W0 F1 I1 W1``; cool-down the remaining ``I`` s with ``W`` s filling the bubbles. Built for
+    ``max(m, 2p-1)`` microbatches, those past ``m`` then dropped (as torch's ``ScheduleZBVZeroBubble``).
+    At most ``2p`` chunk-microbatches' activations held on a rank (1F1B's ``p`` full-stage ones)."""
+    _check(p, m, 1)
+    n = max(2 * p - 1, m)
+    out = []
+    for r in range(p):
+        acts: list[Action] = []
+        cnt = {"F0": 0, "F1": 0, "I0": 0, "I1": 0, "W0": 0, "W1": 0}
+
+        def add(kind, c, acts=acts, cnt=cnt):
+            key = f"{kind}{c}"
+            acts.append(Action(kind, cnt[key], c))
+            cnt[key] += 1
+
+        for _ in range(2 * (p - r) - 1):
+            add("F", 0)
+        for _ in range(r):
+            add("F", 1)
+            add("F", 0)
+        for _ in range(p - r):
+            add("F", 1)
+            add("I", 1)
+            add("W", 1)
+        while cnt["F1"] < cnt["F0"] or cnt["F0"] < n:
+            if cnt["F0"] < n:
+                add("F", 0)
+            add("I", 0)
+            add("W", 0)
+            add("F", 1)
+            add("I", 1)
+            add("W", 1)
+        for _ in range(r):
+            add("I", 0)
+            add("I", 1)
+        for _ in range(p - r):
+            add("I", 0)
+            add("W", 0)
+        while cnt["W1"] < cnt["I1"]:
+            add("W", 1)
+        while cnt["W0"] < cnt["I0"]:
+            add("W", 0)
+        out.append([a for a in acts if a.mb < m])
+    return out
+
+
+def dualpipev(p: int, m: int) -> list[list[Action]]:
+    """DualPipeV (DeepSeek-V3's DualPipe cut in half, as in deepseek-ai/DualPipe and torch's
+    ``ScheduleDualPipeV``): two chunks per rank in a V. After a warm-up of forwards the main phase runs
+    pairs: the forward of one microbatch on one chunk, then the full backward of an earlier microbatch on
+    the other chunk (``F0 B1``, ``F1 B0``), so each pair's transfers (activations down, gradients up) are
+    in flight together; the cool-down splits backwards into ``I`` and ``W`` (zero bubble) on half the
+    ranks' last steps. Needs ``m >= 2p``."""
+    _check(p, m, 1)
+    if m < 2 * p:
+        raise GptparConfigError(f"the dualpipev schedule needs micro-batches m={m} >= 2 * pp = {2 * p}")
+    out = []
+    for r in range(p):
+        acts: list[Action] = []
+        cnt: dict[tuple[str, int], int] = {}
+        weights: list[tuple[int, int]] = []  # (chunk, mb) of I's whose W is pending
+
+        def add(kind, c, acts=acts, cnt=cnt, weights=weights):
+            key = (kind if kind != "B" else "I", c)
+            mb = cnt.get(key, 0)
+            acts.append(Action(kind, mb, c))
+            cnt[key] = mb + 1
+            if kind == "I":
+                weights.append((c, mb))
+
+        def pending_w(acts=acts, weights=weights):
+            if weights:
+                c, mb = weights.pop(0)
+                acts.append(Action("W", mb, c))
+
+        for _ in range((p - r - 1) * 2):
+            add("F", 0)
+        for _ in range(r + 1):
+            add("F", 0)
+            add("F", 1)
+        for _ in range(p - r - 1):
+            add("I", 1)
+            pending_w()
+            add("F", 1)
+        for _ in range(m - 2 * p + r + 1):
+            add("F", 0)  # (the pairs: F0 with B1, then F1 with B0)
+            add("B", 1)
+            add("F", 1)
+            add("B", 0)
+        for _ in range(p - r - 1):
+            add("B", 1)
+            add("F", 1)
+            add("B", 0)
+        zb = False
+        steps = r + 1
+        for i in range(steps):
+            if i == steps // 2 and r % 2 == 1:
+                zb = True
+            add("I" if zb else "B", 1)
+            if i == steps // 2 and r % 2 == 0:
+                zb = True
+            add("I" if zb else "B", 0)
+        for _ in range(p - r - 1):
+            pending_w()
+            add("I" if zb else "B", 0)
+        while weights:
+            pending_w()
+        out.append(acts)
+    return out
+
+
 def build(name: str, p: int, m: int, v: int = 1) -> list[list[Action]]:
     """The schedule ``name`` (one of :data:`SCHEDULES`) for ``p`` stages, ``m`` microbatches, ``v`` chunks."""
     if name == "gpipe":
@@ -136,6 +283,10 @@ def build(name: str, p: int, m: int, v: int = 1) -> list[list[Action]]:
         return interleaved(p, m, v)
     if name == "zb-h1":
         return zb_h1(p, m)
+    if name == "zbv":
+        return zbv(p, m)
+    if name == "dualpipev":
+        return dualpipev(p, m)
     raise GptparConfigError(f"schedule {name!r} is unknown; expected one of {SCHEDULES}")
 
 
@@ -153,16 +304,17 @@ class SimResult:
         return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
 
 
-def simulate(actions: list[list[Action]], v: int = 1, cost: dict | None = None) -> SimResult:
+def simulate(actions: list[list[Action]], v: int = 1, cost: dict | None = None, style: str = "loop") -> SimResult:
     """Run the schedule on an ideal machine (zero communication time): every action starts as soon as its
-    rank is free and its inputs exist. Raises ``RuntimeError`` on deadlock (no rank can make progress) or
-    on an invalid schedule (an action whose dependency never runs)."""
+    rank is free and its inputs exist. ``v`` chunks per rank placed by ``style`` (:func:`placement`).
+    Raises ``RuntimeError`` on deadlock (no rank can make progress) or on an invalid schedule (an action
+    whose dependency never runs)."""
     cost = cost or {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
     p = len(actions)
     nvs = p * v
 
     def vstage(r: int, c: int) -> int:
-        return c * p + r
+        return virtual_stage(r, c, p, style)
 
     finish: dict[tuple[str, int, int], float] = {}  # (kind, mb, virtual stage) -> time
     pos = [0] * p
