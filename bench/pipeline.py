@@ -26,7 +26,16 @@ from common import peak_memory_of, timed_interleaved
 from torch import nn
 
 from gptpar import GPT, GPTConfig, ParallelLayout, init_parallel
-from gptpar.pipeline import build, make_pipeline, partition, placement, plot_timeline, simulate, virtual_stage
+from gptpar.pipeline import (
+    build,
+    make_pipeline,
+    partition,
+    placement,
+    plot_timeline,
+    simulate,
+    simulated_events,
+    virtual_stage,
+)
 from gptpar.testing import run_distributed
 
 M = 8
@@ -179,6 +188,10 @@ def main() -> None:
             if name in ("zbv", "dualpipev"):
                 events = [r[name]["events"] for r in res]
                 plot_timeline(events, os.path.join(figs, f"pipeline_{name}_p{p}.png"), f"{name} p={p} m={M}, measured")
+                half = {"F": 0.5, "B": 1.0, "I": 0.5, "W": 0.5}  # a chunk is half a stage
+                sim_ev = simulated_events(build(name, p, M), 2, half, placement(name))
+                title = f"{name} p={p} m={M}, simulated"
+                plot_timeline(sim_ev, os.path.join(figs, f"pipeline_{name}_p{p}_simulated.png"), title, unit="steps")
             meas = 1 - statistics.mean(r[name]["busy_fraction"] for r in res)
             hidden = statistics.mean(r[name]["hidden_comm_fraction"] for r in res)
             rows.append(

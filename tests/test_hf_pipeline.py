@@ -79,7 +79,8 @@ def _pipelined(kinds, tp: int, pp: int, schedules):
             if tp > 1:
                 parallelize(model, state)
             v = 2 if sched == "interleaved" else 1
-            engine, part = hf_pipeline(model, state, sched, micro_batches=2, v=v)
+            m = 4 if sched == "dualpipev" else 2  # (DualPipeV needs m >= 2 pp)
+            engine, part = hf_pipeline(model, state, sched, micro_batches=m, v=v)
             idx, tgt = batch(model.config.vocab_size)
             loss = engine.step(idx, tgt)
             grads = {}

@@ -19,6 +19,7 @@ from gptpar.pipeline import (
     plot_timeline,
     profile_unit_costs,
     simulate,
+    simulated_events,
     stage_rank,
     validate,
     virtual_stage,
@@ -245,10 +246,23 @@ def test_timeline_png_and_overlap_measurement(tmp_path):
     assert {"F", "I", "W"} <= kinds and "wait" in kinds
     for _, blocked, total in res:
         assert 0 <= blocked < total
+    for ev in events:  # W really runs the deferred weight-gradient GEMMs (about as much work as I's)
+        time_in = {k: sum(t1 - t0 for kind, _, _, t0, t1 in ev if kind == k) for k in ("I", "W")}
+        assert time_in["W"] > 0.2 * time_in["I"], time_in
     path = plot_timeline(events, str(tmp_path / "timeline.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 5000
+
+
+def test_simulated_v_schedules_draw_on_the_timeline(tmp_path):
+    for name in ("zbv", "dualpipev"):
+        acts = build(name, 4, 8)
+        events = simulated_events(acts, 2, {"F": 0.5, "B": 1.0, "I": 0.5, "W": 0.5}, placement(name))
+        assert [len(e) for e in events] == [len(a) for a in acts]
+        assert all(t1 > t0 >= 0 for ev in events for _, _, _, t0, t1 in ev)
+        path = plot_timeline(events, str(tmp_path / f"{name}.png"), f"{name} simulated", unit="steps")
+        assert os.path.getsize(path) > 5000
 
 
 def _timeline_recorded():

@@ -165,7 +165,7 @@ def _column_activation(tp):
     """The fused-activation column-parallel linear (plain and sequence parallel, weight grads now or
     deferred to a zero-bubble W step) against nn.Linear + the activation."""
     from gptpar.ops.mlp import apply_activation
-    from gptpar.ops.wgrad import defer_weight_grads
+    from gptpar.ops.wgrad import defer_weight_grads, deferrable_weight_grads
 
     g = init_parallel(ParallelLayout(tp=tp)).tp
     for act, sp, defer in [(a, s, d) for a in ("gelu", "swiglu") for s in (False, True) for d in (False, True)]:
@@ -180,7 +180,8 @@ def _column_activation(tp):
         yr = apply_activation(ref(xr), act)
         (yr * dy).sum().backward()
         xp = (x.chunk(tp)[g.rank] if sp else x).clone().requires_grad_()
-        yp = col(xp)
+        with deferrable_weight_grads() if defer else contextlib.nullcontext():
+            yp = col(xp)
         queue = []
         with defer_weight_grads(queue) if defer else contextlib.nullcontext():
             (yp * dy.chunk(tp, dim=-1)[g.rank]).sum().backward()

@@ -2,6 +2,9 @@
 gradient, on the critical path between pipeline stages) and ``W`` (weight gradient, off it) that
 zero-bubble schedules need.
 
+A forward run inside :func:`deferrable_weight_grads` (the pipeline engine's, for schedules with ``I``
+actions) records a linear whose backward can split; outside it, the plain torch op runs (native autograd,
+no Python in backward), unless the fused Triton GEMM + activation needs this module's backward anyway.
 Outside :func:`defer_weight_grads` the backward is an ordinary linear backward. Inside it, backward
 computes only the input gradient and queues a closure that, when run (the schedule's ``W`` action),
 computes the weight and bias gradients and accumulates them into ``.grad`` (applying the parameter's
@@ -15,9 +18,22 @@ from collections.abc import Callable
 
 import torch
 
-from gptpar.ops.mlp import act_backward, check_activation, linear_act_forward
+from gptpar.ops.dispatch import use_triton
+from gptpar.ops.mlp import act_backward, apply_activation, check_activation, linear_act_forward
 
 _queue: list[Callable[[], None]] | None = None
+_deferrable = 0  # > 0: forwards record linears whose weight gradient can be deferred
+
+
+@contextlib.contextmanager
+def deferrable_weight_grads():
+    """Forwards run inside this block record linears whose backward :func:`defer_weight_grads` can split."""
+    global _deferrable
+    _deferrable += 1
+    try:
+        yield
+    finally:
+        _deferrable -= 1
 
 
 @contextlib.contextmanager
@@ -122,6 +138,9 @@ def linear(
         if activation is None:
             return torch.nn.functional.linear(x, weight, bias)
         return linear_act_forward(x, weight, bias, activation)[0]
+    if not _deferrable and (activation is None or not use_triton(x)):  # plain torch ops, native autograd
+        y = torch.nn.functional.linear(x, weight, bias)
+        return y if activation is None else apply_activation(y, activation)
     return _Linear.apply(x, weight, bias, activation)
 
 

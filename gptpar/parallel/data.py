@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +188,9 @@ class DataParallel:
         if low and not shard_grads:
             self.group2 = state.subgroups(f"{self.group.name}_allgather", groups)  # made by init_parallel
         self._no_sync = False
+        # seconds spent, summed over steps until cleared: casting into the low-precision wire buffer
+        # ("pack_s"), casting back ("unpack_s"), and blocked in finish() ("finish_s"); for benchmarks
+        self.stats: dict[str, float] = {}
         self._build(bucket_mb, first_bucket_mb, p)
         for prm in self.params:
             prm.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -276,11 +280,15 @@ class DataParallel:
             return comm.all_gather_async(slice_sum.to(self.reduce_dtype), self.group2)
 
         def unpack(gathered):
+            t0 = time.perf_counter()
             b.grad.zero_()
             unpack_accumulate(gathered, [b.grad], 1.0)  # low precision -> the bucket's dtype, one pass
+            self._count("unpack_s", t0)
 
         if not fp32:  # cast unscaled: dividing by dp first would flush small gradients to zero in fp16
+            t0 = time.perf_counter()
             low = pack_cast([b.grad], 1.0, self.reduce_dtype, b.residual)
+            self._count("pack_s", t0)
             return (comm.all_to_all_async(low, self.group), sum_slices, unpack)
         if scale != 1.0:
             b.grad.mul_(scale)
@@ -294,6 +302,9 @@ class DataParallel:
                 lambda full: _copy(b.grad, full),
             )
         return (comm.all_reduce_async(b.grad, self.group), lambda _: None)
+
+    def _count(self, key: str, t0: float) -> None:
+        self.stats[key] = self.stats.get(key, 0.0) + time.perf_counter() - t0
 
     def _launch(self, b: Bucket) -> None:
         first, *then = self._plan(b)
@@ -320,7 +331,9 @@ class DataParallel:
         for b in self.buckets:
             if not b.launched:
                 self._launch(b)
+        t0 = time.perf_counter()
         self._progress(block=True)
+        self._count("finish_s", t0)
         self._reset_pending()
 
     def zero_grad(self) -> None:

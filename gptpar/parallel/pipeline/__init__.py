@@ -14,7 +14,7 @@ from gptpar.parallel.pipeline.schedules import (
     virtual_stage,
 )
 from gptpar.parallel.pipeline.stage import Stage, check_stage
-from gptpar.parallel.pipeline.timeline import plot_timeline
+from gptpar.parallel.pipeline.timeline import plot_timeline, simulated_events
 
 __all__ = [
     "SCHEDULES",
@@ -34,6 +34,7 @@ __all__ = [
     "plot_timeline",
     "profile_costs",
     "simulate",
+    "simulated_events",
     "split",
     "validate",
 ]

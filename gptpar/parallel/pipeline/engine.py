@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gptpar.errors import GptparConfigError
-from gptpar.ops.wgrad import defer_weight_grads
+from gptpar.ops.wgrad import defer_weight_grads, deferrable_weight_grads
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import ParallelState
 from gptpar.parallel.pipeline.p2p import StageP2P
@@ -70,6 +70,7 @@ class PipelineEngine:
             )
         self.schedule, self.style = schedule, placement(schedule)
         self.actions: list[Action] = build(schedule, self.p, micro_batches, self.v)[self.rank]
+        self.splits_backward = any(a.kind == "I" for a in self.actions)  # forwards must record deferrable linears
         self.p2p = StageP2P(state.pp, negotiate_shapes)
         self.record = record
         self.measure_memory = measure_memory  # a Python hook per saved tensor: off the hot path by default
@@ -166,7 +167,10 @@ class PipelineEngine:
                     return t
 
                 hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-                with hooks if self.measure_memory else contextlib.nullcontext():
+                with (
+                    hooks if self.measure_memory else contextlib.nullcontext(),
+                    deferrable_weight_grads() if self.splits_backward else contextlib.nullcontext(),
+                ):
                     if vs == self.nvs - 1:
                         tgt = mb_tgt[a.mb].to(self.state.device)
                         _, loss = chunk(x, tgt, ignore_index, loss_normalizer=norm, **side(a.mb))
@@ -194,6 +198,7 @@ class PipelineEngine:
                 if a.kind == "I":
                     with defer_weight_grads(deferred.setdefault(key, [])):
                         torch.autograd.backward(y, grad)
+
                 else:
                     torch.autograd.backward(y, grad)
                 if vs > 0:
