@@ -75,6 +75,7 @@ class Plan:
     memory: dict  # bytes per GPU by kind
     time: dict  # seconds per step by kind
     recompute: bool = False
+    schedule: str = "-"  # the pipeline schedule (pp > 1)
 
     @property
     def total_memory(self) -> float:
@@ -85,12 +86,64 @@ class Plan:
         return sum(self.time.values())
 
 
-def stage_units(config: GPTConfig, pp: int, rank: int, v: int = 1) -> list[tuple[int, int]]:
-    """Units (embedding, blocks, head) of pp rank ``rank``'s chunks, split by gptpar's partitioner."""
+_PARTS: dict = {}  # (config, pp, v, style) -> Partition: one split per shape, however many candidates use it
+
+
+def stage_units(config: GPTConfig, pp: int, rank: int, v: int = 1, style: str = "loop") -> list[tuple[int, int]]:
+    """Units (embedding, blocks, head) of pp rank ``rank``'s chunks, split by gptpar's partitioner (cached)."""
     from gptpar.models.stages import partition
 
-    part = partition(config, pp, v)
+    key = (repr(config), pp, v, style)
+    if key not in _PARTS:
+        _PARTS[key] = partition(config, pp, v, style=style)
+    part = _PARTS[key]
     return [part.units(rank, c) for c in range(v)]
+
+
+_SIMS: dict = {}  # (schedule, p, m', v) -> SimResult
+
+
+@dataclass(frozen=True)
+class ScheduleStats:
+    bubble_fraction: float
+    peak_in_flight: list  # chunk-microbatches per rank
+
+
+def _sim_microbatches(schedule: str, p: int, m: int) -> int:
+    """The microbatches to simulate: ``m``, or for long pipelines-of-microbatches a smaller count past
+    which warm-up, cool-down and the in-flight peak no longer change (``2p``, kept valid for the
+    schedule), so that planning a 1536-GPU cluster simulates small schedules."""
+    cap = 2 * p
+    if schedule == "gpipe" or m <= cap:
+        return m
+    if schedule == "interleaved":
+        return cap - cap % p if m % p == 0 else m
+    return cap
+
+
+def schedule_sim(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
+    """The schedule simulated at unit costs (F = 1, B = 2, I = W = 1 per chunk; cached): its bubble fraction
+    and the most chunk-microbatches each rank holds at once. Past ``2p`` microbatches the idle time is
+    taken from a ``2p`` simulation (it is the warm-up and cool-down's) and the busy time scaled to ``m``.
+    GPipe, 1F1B and interleaved 1F1B by their closed forms."""
+    from gptpar.parallel.pipeline.schedules import build, placement, simulate
+
+    if schedule in ("gpipe", "1f1b") or (schedule == "interleaved" and m % p == 0):
+        # closed forms (the simulator reproduces them exactly: tests/test_pipeline.py)
+        bubble = (p - 1) / (v * m + p - 1)
+        if schedule == "gpipe":
+            return ScheduleStats(bubble, [m] * p)
+        if schedule == "1f1b":
+            return ScheduleStats(bubble, [min(p - r, m) for r in range(p)])
+        return ScheduleStats(bubble, [min((p - r - 1) * 2 + (v - 1) * p + 1, v * m) for r in range(p)])
+    ms = _sim_microbatches(schedule, p, m)
+    key = (schedule, p, ms, v)
+    if key not in _SIMS:
+        _SIMS[key] = simulate(build(schedule, p, ms, v), v, style=placement(schedule))
+    sim = _SIMS[key]
+    busy = sum(sim.busy) * m / ms
+    idle = len(sim.busy) * sim.makespan - sum(sim.busy)
+    return ScheduleStats(idle / (idle + busy), list(sim.peak_in_flight))
 
 
 def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int:
@@ -154,15 +207,12 @@ def korthikanti_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = Fal
     return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
 
 
-def in_flight(schedule: str, p: int, r: int, m: int, v: int) -> int:
-    """Microbatches whose activations rank r holds at once (per chunk-equivalent)."""
+def in_flight(schedule: str, p: int, r: int, m: int, v: int) -> float:
+    """Microbatches' activations rank r holds at once, in units of the whole rank's layers (a chunk holds
+    ``1/v`` of them): the schedule's simulated peak (:func:`schedule_sim`)."""
     if p == 1:
         return 1
-    if schedule == "gpipe":
-        return m
-    if v > 1:  # interleaved: warm-up of (p - r - 1) * 2 + (v - 1) * p chunk-forwards, in units of a full stage
-        return math.ceil(min((p - r - 1) * 2 + (v - 1) * p + 1, m * v) / v)
-    return min(p - r, m)
+    return schedule_sim(schedule, p, m, v).peak_in_flight[r] / v
 
 
 def memory(
@@ -185,7 +235,9 @@ def memory(
     recompute=False,
 ) -> dict:
     """Memory per GPU on pp rank ``rank`` by kind, in bytes."""
-    units = stage_units(config, pp, rank, v) if pp > 1 else [(0, config.n_layer + 2)]
+    from gptpar.parallel.pipeline.schedules import placement
+
+    units = stage_units(config, pp, rank, v, placement(schedule)) if pp > 1 else [(0, config.n_layer + 2)]
     n = param_count(config, tp, units)
     # AdamW's fp32 moments, plus fp32 masters when the parameters are not fp32 (ZeroAdamW always keeps them)
     optimizer = n * (8 + (4 if (param_bytes != 4 or zero1) else 0))
@@ -196,15 +248,43 @@ def memory(
         "weights": n * param_bytes,
         "gradients": n * grad_bytes,
         "optimizer": optimizer,
-        "activations": acts * in_flight(schedule, pp, rank, m, v),
+        "activations": int(acts * in_flight(schedule, pp, rank, m, v)),
     }
 
 
 def parse_size(text: str) -> float:
-    mt = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)B?\s*", text.upper())
+    """Bytes (or bytes/s, FLOP/s) from ``80GB`` (decimal: 80e9), ``80GiB`` (binary: 80 * 2**30), ``450GB/s``,
+    ``13B``. GB and GiB differ by 7%: a GPU sold as "80GB" has 80 GiB (use ``--gpu h100``)."""
+    mt = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?(/S)?\s*", text.upper())
     if not mt:
-        raise GptparConfigError(f"cannot read a size from {text!r} (e.g. 80GB, 13B, 450GB/s)")
-    return float(mt.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[mt.group(2)]
+        raise GptparConfigError(f"cannot read a size from {text!r} (e.g. 80GB, 80GiB, 13B, 450GB/s)")
+    prefixes = "KMGT"
+    power = prefixes.index(mt.group(2)) + 1 if mt.group(2) else 0
+    base = 1024 if mt.group(3) else 1000
+    return float(mt.group(1)) * base**power
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU as the planner sees it: usable memory, dense bf16 peak, per-GPU NVLink and network bandwidth
+    (one direction), GPUs per node."""
+
+    name: str
+    memory: float  # bytes, as nvidia-smi reports the total
+    peak_flops: float
+    nvlink: float  # bytes/s
+    network: float  # bytes/s per GPU
+    per_node: int = 8
+
+
+GIB = 2**30
+GPUS = {  # NVIDIA's data sheets (dense bf16); memory as nvidia-smi reports it (MiB -> bytes)
+    "a100": GPU("A100-SXM 80GB", 81920 * 2**20, 312e12, 300e9, 25e9),  # HDR 200 Gb/s per GPU
+    "a100-40gb": GPU("A100-SXM 40GB", 40960 * 2**20, 312e12, 300e9, 25e9),
+    "h100": GPU("H100-SXM 80GB", 81559 * 2**20, 989e12, 450e9, 50e9),  # NDR 400 Gb/s per GPU
+    "h200": GPU("H200-SXM 141GB", 143771 * 2**20, 989e12, 450e9, 50e9),
+    "b200": GPU("B200 192GB", 183359 * 2**20, 2250e12, 900e9, 50e9),
+}
 
 
 def model_for(params: str, seq: int) -> GPTConfig:
@@ -218,8 +298,28 @@ def model_for(params: str, seq: int) -> GPTConfig:
         raise GptparConfigError(f"--params {params!r}: expected one of {list(GPT3_SHAPES)} or a preset") from None
 
 
+def model_from_hf(path: str, seq: int) -> GPTConfig:
+    """The GPTConfig of a Hugging Face model directory's ``config.json`` (GPT-2, Llama, Qwen2/3, Mistral
+    shapes: GQA, SwiGLU, untied heads), at sequence length ``seq``. Reads only the config."""
+    import json
+    import os
+
+    from gptpar.models.hf import config_from_hf
+
+    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GptparConfigError(f"--from-hf {path!r}: cannot read config.json ({e})") from None
+    return config_from_hf(hf, seq_len=seq)
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+PLAN_SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zbv")
 
 
 def plan(
@@ -233,122 +333,180 @@ def plan(
     peak_flops: float = 989e12,
     mfu: float = 0.5,
     top: int = 10,
+    schedules: tuple[str, ...] = PLAN_SCHEDULES,
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8),
 ) -> list[Plan]:
-    """Every layout that fits, ranked by estimated step time (see module docstring)."""
+    """Every layout that fits, ranked by estimated step time (see module docstring). Pipelines are tried
+    under each of ``schedules`` (1F1B, interleaved with v=2, ZB-H1, ZB-V, ...): their in-flight activations
+    and bubbles come from simulating the schedule itself."""
     s, h, L, a = config.seq_len, config.d_model, config.n_layer, config.n_head
     n_total = config.num_params()
     out = []
+    tokens = global_batch * s
+    flops = 6 * n_total * tokens + 12 * L * h * s * tokens
     for tp, pp, cp in itertools.product(divisors(gpus), divisors(gpus), [1, 2, 4, 8]):
         if tp > gpus_per_node or tp * pp * cp > gpus or gpus % (tp * pp * cp):
             continue
         dp = gpus // (tp * pp * cp)
-        if a % tp or config.padded_vocab % tp or L < pp or s % (2 * cp) and cp > 1:
+        if a % tp or config.n_kv_head % tp and tp % config.n_kv_head or config.padded_vocab % tp:
             continue
-        for mb, v, sp, zero1, rc in itertools.product(
-            [1, 2, 4, 8], [1, 2], [False, True], [False, True], [False, True]
+        if L < pp or s % (2 * cp) and cp > 1:
+            continue
+        for mb, sched, sp, zero1, rc in itertools.product(
+            micro_batches, schedules if pp > 1 else ("1f1b",), [False, True], [False, True], [False, True]
         ):
-            if (sp and tp == 1) or (v > 1 and pp == 1) or (zero1 and dp * cp == 1) or global_batch % (dp * mb):
+            v = 2 if sched in ("interleaved", "zbv", "dualpipev") else 1
+            if (sp and tp == 1) or (zero1 and dp * cp == 1) or global_batch % (dp * mb):
                 continue
             m = global_batch // (dp * mb)
-            if v > 1 and (m % pp or L + 2 < pp * v):
+            if L + 2 < pp * v or (sched == "interleaved" and m % pp) or (sched == "dualpipev" and m < 2 * pp):
                 continue
             mem = {k: 0 for k in ("weights", "gradients", "optimizer", "activations")}
             for r in {0, pp - 1} if pp > 1 else {0}:  # the first and last stages hold the most
-                mr = memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, 2, 2, 2, "1f1b", r, recompute=rc)
+                mr = memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, 2, 2, 2, sched, r, recompute=rc)
                 if sum(mr.values()) > sum(mem.values()):
                     mem = mr
             if sum(mem.values()) > gpu_mem:
                 continue
-            tokens = global_batch * s
-            flops = 6 * n_total * tokens + 12 * L * h * s * tokens
             compute = flops / (gpus * peak_flops * mfu) * (4 / 3 if rc else 1)  # recompute: one more forward
-            tp_bw = intra_bw
             per_layer = 4 * 2 * (tp - 1) / tp * (s // cp) * mb * h * 2 if tp > 1 else 0
-            tp_time = per_layer * (L / pp) * m / tp_bw
-            cp_time = (
-                (
-                    3
-                    * (cp - 1)
-                    * 2
-                    * mb
-                    * (s // cp)
-                    * h
-                    // tp
-                    * 2
-                    * (L / pp)
-                    * m
-                    / (intra_bw if tp * cp <= gpus_per_node else inter_bw)
-                )
-                if cp > 1
-                else 0
-            )
+            tp_time = per_layer * (L / pp) * m / intra_bw
+            cp_bw = intra_bw if tp * cp <= gpus_per_node else inter_bw
+            cp_time = 3 * (cp - 1) * 2 * mb * (s // cp) * h // tp * 2 * (L / pp) * m / cp_bw if cp > 1 else 0
             dp_bw = intra_bw if tp * cp * dp <= gpus_per_node else inter_bw
             g = dp * cp  # gradients are reduced over dp x cp (cp ranks hold partial sums)
             dp_time = 2 * (g - 1) / g * (n_total / (tp * pp)) * 2 / dp_bw if g > 1 else 0
-            pp_time = (
-                (2 * m * (s // cp) * mb * h * 2 / (inter_bw if tp * cp * dp >= gpus_per_node else intra_bw))
-                if pp > 1
-                else 0
-            )
-            bubble = compute * ((pp - 1) / (v * m + pp - 1)) / (1 - (pp - 1) / (v * m + pp - 1)) if pp > 1 else 0
+            pp_bw = inter_bw if tp * cp * dp >= gpus_per_node else intra_bw
+            pp_time = 2 * m * v * (s // cp) * mb * h * 2 / pp_bw if pp > 1 else 0
+            bub = schedule_sim(sched, pp, m, v).bubble_fraction if pp > 1 else 0.0
+            bubble = compute * bub / (1 - bub)
             time = {"compute": compute, "tp": tp_time, "cp": cp_time, "dp": dp_time, "pp": pp_time, "bubble": bubble}
-            out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time, rc))
+            out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time, rc, sched if pp > 1 else "-"))
     out.sort(key=lambda p: p.step_time)
-    return out[:top]
+    return out[:top] if top else out
+
+
+def explain(plans: list[Plan]) -> list[str]:
+    """Why the first plan wins: against the runner-up of a different (tp, pp, dp, cp), the time components
+    that differ most, and the memory the winner needs."""
+    if not plans:
+        return []
+    best = plans[0]
+    lines = [
+        f"winner: tp={best.tp} pp={best.pp} dp={best.dp} cp={best.cp} ({best.schedule}), "
+        f"{best.step_time:.3f} s/step, {best.total_memory / GIB:.1f} GiB/GPU "
+        f"(weights {best.memory['weights'] / GIB:.1f}, gradients {best.memory['gradients'] / GIB:.1f}, "
+        f"optimizer {best.memory['optimizer'] / GIB:.1f}, activations {best.memory['activations'] / GIB:.1f})"
+    ]
+    other = next((p for p in plans[1:] if (p.tp, p.pp, p.dp, p.cp) != (best.tp, best.pp, best.dp, best.cp)), None)
+    if other is None:
+        return lines
+    diffs = sorted(((other.time[k] - best.time[k], k) for k in best.time), reverse=True)
+    parts = [f"{k} {other.time[k]:.3f} -> {best.time[k]:.3f} s" for d, k in diffs if abs(d) > 1e-4][:3]
+    lines.append(
+        f"beats tp={other.tp} pp={other.pp} dp={other.dp} cp={other.cp} ({other.schedule}) by "
+        f"{other.step_time - best.step_time:.3f} s/step: " + ", ".join(parts)
+    )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="gptpar plan", description="Rank the parallel layouts that fit a model on a cluster."
+        prog="gptpar plan",
+        description="Rank the parallel layouts that fit a model on a cluster. Sizes: GB = 1e9 bytes, GiB = 2^30.",
     )
-    ap.add_argument("--params", default="13B", help=f"model size ({', '.join(GPT3_SHAPES)}) or a preset")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--params", default=None, help=f"GPT-3 size ({', '.join(GPT3_SHAPES)}) or a preset name")
+    what.add_argument("--model", default=None, help="a gptpar preset (e.g. llama-tiny, gpt2)")
+    what.add_argument("--from-hf", default=None, help="a Hugging Face model directory (reads config.json only)")
+    for flag, kind in (("n-layer", int), ("d-model", int), ("n-head", int), ("n-kv-head", int), ("ffn-hidden", int)):
+        ap.add_argument(f"--{flag}", type=kind, default=None, help="override the model's shape")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the model's)")
     ap.add_argument("--gpus", type=int, default=64)
-    ap.add_argument("--gpu-mem", default="80GB")
+    ap.add_argument("--gpu", choices=sorted(GPUS), default=None, help="a GPU preset: memory, peak, links")
+    ap.add_argument(
+        "--gpu-mem", default=None, help="memory per GPU, e.g. 80GiB or 40GB (default: the --gpu's, else 80GiB)"
+    )
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--global-batch", type=int, default=1024)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--link", default="nvlink:450GB/s,ib:50GB/s")
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--gpus-per-node", type=int, default=None)
+    ap.add_argument("--link", default=None, help="per-GPU bandwidths, e.g. nvlink:450GB/s,ib:50GB/s")
+    ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--mfu", type=float, default=0.5)
+    ap.add_argument("--schedules", default=",".join(PLAN_SCHEDULES), help="pipeline schedules to consider")
     ap.add_argument("--top", type=int, default=10)
     args = ap.parse_args(argv)
     try:
-        links = dict(x.split(":") for x in args.link.split(","))
-        intra = parse_size(links.get("nvlink", "450GB").replace("/s", ""))
-        inter = parse_size(links.get("ib", "50GB").replace("/s", ""))
-        config = model_for(args.params, args.seq)
+        gpu = GPUS[args.gpu or "h100"]
+        intra, inter = gpu.nvlink, gpu.network
+        if args.link:
+            links = dict(x.split(":") for x in args.link.split(","))
+            intra = parse_size(links["nvlink"]) if "nvlink" in links else intra
+            inter = parse_size(links["ib"]) if "ib" in links else inter
+        gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else gpu.memory
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu.peak_flops
+        if args.from_hf:
+            config, label = model_from_hf(args.from_hf, args.seq), args.from_hf
+        elif args.model:
+            config, label = preset(args.model, seq_len=args.seq), args.model
+        else:
+            label = args.params or "13B"
+            config = model_for(label, args.seq)
+        over = {k: getattr(args, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden")}
+        over = {k: v for k, v in over.items() if v is not None}
+        if args.vocab:
+            over["vocab_size"] = args.vocab
+        if over:
+            import dataclasses
+
+            reset = {"head_dim": None} if {"d_model", "n_head"} & set(over) else {}
+            if "n_head" in over and "n_kv_head" not in over and config.n_kv_head == config.n_head:
+                reset["n_kv_head"] = None
+            if "d_model" in over and "ffn_hidden" not in over:
+                reset["ffn_hidden"] = None
+            config = dataclasses.replace(config, **{**reset, **over})
+        schedules = tuple(s.strip() for s in args.schedules.split(",") if s.strip())
+        from gptpar.parallel.pipeline.schedules import SCHEDULES
+
+        bad = [s for s in schedules if s not in SCHEDULES]
+        if bad:
+            raise GptparConfigError(f"--schedules: {bad} unknown; expected some of {SCHEDULES}")
         plans = plan(
             config,
             args.gpus,
-            parse_size(args.gpu_mem),
+            gpu_mem,
             args.global_batch,
-            args.gpus_per_node,
+            args.gpus_per_node or gpu.per_node,
             intra,
             inter,
-            args.peak_tflops * 1e12,
+            peak,
             args.mfu,
-            args.top,
+            None,
+            schedules,
         )
-    except (GptparConfigError, ValueError) as e:
+    except (GptparConfigError, ValueError, KeyError) as e:
         print(f"gptpar plan: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(
-        f"{args.params}: {config.num_params() / 1e9:.2f}B parameters, L={config.n_layer} h={config.d_model} "
-        f"heads={config.n_head}, seq {args.seq}, global batch {args.global_batch}, {args.gpus} GPUs x {args.gpu_mem}"
+        f"{label}: {config.num_params() / 1e9:.2f}B parameters, L={config.n_layer} h={config.d_model} "
+        f"heads={config.n_head}/{config.n_kv_head} kv, seq {args.seq}, global batch {args.global_batch}, "
+        f"{args.gpus} x {(gpu.name + ' ') if not args.gpu_mem else ''}{gpu_mem / GIB:.1f} GiB"
     )
     if not plans:
         print("no layout fits: add GPUs or memory, or shorten the sequence / micro-batch")
         return
     print(
-        f"{'tp':>3} {'pp':>3} {'dp':>3} {'cp':>3} {'v':>2} {'mb':>3} {'SP':>3} {'Z1':>3} {'RC':>3} {'GiB':>6} "
+        f"{'tp':>3} {'pp':>3} {'dp':>3} {'cp':>3} {'schedule':>11} {'mb':>3} {'SP':>3} {'Z1':>3} {'RC':>3} {'GiB':>6} "
         f"{'w':>5} {'g':>5} {'opt':>5} {'act':>5} {'step s':>7} {'comp':>6} {'tp':>5} {'cp':>5} {'dp':>5} {'pp':>5} {'bubble':>6}"
     )
-    gib = 2**30
-    for p in plans:
+    for p in plans[: args.top]:
         m, t = p.memory, p.time
+        sched = p.schedule + (f" v{p.v}" if p.v > 1 else "")
         print(
-            f"{p.tp:3d} {p.pp:3d} {p.dp:3d} {p.cp:3d} {p.v:2d} {p.micro_batch:3d} {'y' if p.sequence_parallel else '-':>3} "
-            f"{'y' if p.zero1 else '-':>3} {'y' if p.recompute else '-':>3} {p.total_memory / gib:6.1f} {m['weights'] / gib:5.1f} {m['gradients'] / gib:5.1f} "
-            f"{m['optimizer'] / gib:5.1f} {m['activations'] / gib:5.1f} {p.step_time:7.2f} {t['compute']:6.2f} "
-            f"{t['tp']:5.2f} {t['cp']:5.2f} {t['dp']:5.2f} {t['pp']:5.2f} {t['bubble']:6.2f}"
+            f"{p.tp:3d} {p.pp:3d} {p.dp:3d} {p.cp:3d} {sched:>11} {p.micro_batch:3d} {'y' if p.sequence_parallel else '-':>3} "
+            f"{'y' if p.zero1 else '-':>3} {'y' if p.recompute else '-':>3} {p.total_memory / GIB:6.1f} {m['weights'] / GIB:5.1f} "
+            f"{m['gradients'] / GIB:5.1f} {m['optimizer'] / GIB:5.1f} {m['activations'] / GIB:5.1f} {p.step_time:7.2f} "
+            f"{t['compute']:6.2f} {t['tp']:5.2f} {t['cp']:5.2f} {t['dp']:5.2f} {t['pp']:5.2f} {t['bubble']:6.2f}"
         )
+    for line in explain(plans):
+        print(line)

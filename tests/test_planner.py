@@ -106,30 +106,67 @@ def test_planner_ranks_layouts_that_fit_and_explains_them():
     assert korthikanti_bytes(2048, 1, 5120, 40, t=8, sp=True) < korthikanti_bytes(2048, 1, 5120, 40, t=8)
 
 
-def test_plan_command_prints_a_ranked_table():
+def test_plan_command_prints_a_ranked_table_and_explains_the_winner():
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gptpar.cli",
-            "plan",
-            "--params",
-            "1.3B",
-            "--gpus",
-            "16",
-            "--gpu-mem",
-            "40GB",
-            "--top",
-            "3",
-        ],
+        [sys.executable, "-m", "gptpar.cli", "plan", "--params", "1.3B", "--gpus", "16", "--gpu-mem", "40GB"]
+        + ["--top", "3"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("1.3B: 1.3") and len(lines) == 5
+    assert lines[0].startswith("1.3B: 1.3") and "37.3 GiB" in lines[0]  # 40 GB is 37.3 GiB
+    assert len(lines) == 2 + 3 + 2
+    assert lines[5].startswith("winner: ") and "GiB/GPU" in lines[5] and lines[6].startswith("beats ")
     res = subprocess.run(
         [sys.executable, "-m", "gptpar.cli", "plan", "--params", "9Q"], capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 2 and "gptpar plan: error: --params '9Q'" in res.stderr
+
+
+def test_sizes_gpu_presets_and_any_model_shape(tmp_path):
+    import json
+
+    from gptpar.planner import GPUS, main, model_from_hf, parse_size
+
+    assert parse_size("80GB") == 80e9 and parse_size("80GiB") == 80 * 2**30 and parse_size("450GB/s") == 450e9
+    assert GPUS["h100"].memory == 81559 * 2**20 and GPUS["a100-40gb"].memory == 40 * 2**30
+    # a Hugging Face Llama-style config (GQA, SwiGLU, untied head): the planner counts its own shape
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ).to_dict()
+    hf["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = model_from_hf(str(tmp_path), 8192)
+    assert (cfg.n_kv_head, cfg.activation, cfg.ffn_hidden, cfg.seq_len) == (8, "swiglu", 14336, 8192)
+    assert cfg.num_params() == pytest.approx(8.03e9, rel=0.005)  # Llama 3 8B
+    plans = plan(cfg, gpus=64, gpu_mem=GPUS["h100"].memory, global_batch=512)
+    assert plans and all(p.tp <= 8 and cfg.n_head % p.tp == 0 for p in plans)
+    for argv in (
+        ["--from-hf", str(tmp_path), "--gpu", "h200", "--gpus", "16", "--global-batch", "64", "--top", "2"],
+        ["--model", "llama-tiny", "--gpus", "4", "--global-batch", "8", "--top", "2"],
+        ["--params", "6.7B", "--n-layer", "8", "--gpus", "8", "--global-batch", "32", "--schedules", "zbv,1f1b"],
+    ):
+        main(argv)
+    with pytest.raises(SystemExit):
+        main(["--params", "1.3B", "--schedules", "pipedream"])
+
+
+def test_a_table_1_row_plans_in_under_5_seconds_with_every_schedule():
+    import time
+
+    from gptpar.planner import model_for
+
+    cfg = model_for("175B", 2048)
+    t0 = time.process_time()  # this process's CPU time: not inflated by other work on the machine
+    plans = plan(cfg, gpus=1536, gpu_mem=80 * 2**30, global_batch=1536, top=50)
+    assert time.process_time() - t0 < 5.0
+    assert {p.schedule for p in plans if p.pp > 1} >= {"zbv"}

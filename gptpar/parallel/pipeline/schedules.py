@@ -130,7 +130,7 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
     a pending ``W``. Same activation memory as 1F1B."""
     _check(p, m, 1)
     done: dict[tuple[str, int, int], int] = {}  # (kind, mb, rank) -> finish time
-    nf, ni = [0] * p, [0] * p
+    nf, ni, nw = [0] * p, [0] * p, [0] * p
     pending_w: list[list[int]] = [[] for _ in range(p)]
     acts: list[list[Action]] = [[] for _ in range(p)]
     t = 0
@@ -142,7 +142,7 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
             if i_ready:
                 starts.append((r, "I", ni[r]))
                 ni[r] += 1
-            elif f_ready and nf[r] - len([a for a in acts[r] if a.kind == "W"]) < p - r:
+            elif f_ready and nf[r] - nw[r] < p - r:
                 starts.append((r, "F", nf[r]))
                 nf[r] += 1
             elif pending_w[r]:
@@ -152,6 +152,8 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
             done[(kind, mb, r)] = t + 1
             if kind == "I":
                 pending_w[r].append(mb)
+            elif kind == "W":
+                nw[r] += 1
         t += 1
         if t > 10 * (m + p) * 3:
             raise RuntimeError("zb_h1 list scheduling did not converge")  # a bug, not a user error
@@ -323,41 +325,48 @@ def simulate(actions: list[list[Action]], v: int = 1, cost: dict | None = None, 
     start = {}
     live = [0] * p
     peak = [0] * p
-    remaining = sum(len(a) for a in actions)
-    while remaining:
-        progressed = False
-        for r in range(p):
-            while pos[r] < len(actions[r]):
-                a = actions[r][pos[r]]
-                vs = vstage(r, a.chunk)
-                if a.kind == "F":
-                    deps = [("F", a.mb, vs - 1)] if vs > 0 else []
-                elif a.kind in ("B", "I"):  # needs its forward and the next stage's input gradient ("G")
-                    deps = [("F", a.mb, vs)] + ([("G", a.mb, vs + 1)] if vs < nvs - 1 else [])
-                elif a.kind == "W":
-                    deps = [("G", a.mb, vs)]
-                else:
-                    raise RuntimeError(f"unknown action {a!r}")
-                if any(d not in finish for d in deps):
-                    break
-                t0 = max([clock[r]] + [finish[d] for d in deps])
-                start[(r, pos[r])] = t0
-                clock[r] = t0 + cost[a.kind]
-                busy[r] += cost[a.kind]
-                finish[(a.kind, a.mb, vs)] = clock[r]
-                if a.kind in ("B", "I"):
-                    finish[("G", a.mb, vs)] = clock[r]
-                if a.kind == "F":
-                    live[r] += 1
-                    peak[r] = max(peak[r], live[r])
-                elif a.kind in ("B", "W"):
-                    live[r] -= 1
-                pos[r] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            stuck = {r: actions[r][pos[r]] for r in range(p) if pos[r] < len(actions[r])}
-            raise RuntimeError(f"schedule deadlocks: ranks wait forever at {stuck}")
+    # Event-driven: a rank runs its actions in order until one waits on a result not produced yet; it is
+    # woken when that result appears. (Start times depend only on dependencies and program order, not on
+    # the order ranks are visited.)
+    waiters: dict[tuple[str, int, int], list[int]] = {}
+    ready = list(range(p))
+    while ready:
+        r = ready.pop()
+        acts = actions[r]
+        while pos[r] < len(acts):
+            a = acts[pos[r]]
+            vs = vstage(r, a.chunk)
+            if a.kind == "F":
+                deps = (("F", a.mb, vs - 1),) if vs > 0 else ()
+            elif a.kind in ("B", "I"):  # needs its forward and the next stage's input gradient ("G")
+                deps = (("F", a.mb, vs), ("G", a.mb, vs + 1)) if vs < nvs - 1 else (("F", a.mb, vs),)
+            elif a.kind == "W":
+                deps = (("G", a.mb, vs),)
+            else:
+                raise RuntimeError(f"unknown action {a!r}")
+            missing = next((d for d in deps if d not in finish), None)
+            if missing is not None:
+                waiters.setdefault(missing, []).append(r)
+                break
+            t0 = clock[r]
+            for d in deps:
+                t0 = max(t0, finish[d])
+            start[(r, pos[r])] = t0
+            clock[r] = t0 + cost[a.kind]
+            busy[r] += cost[a.kind]
+            made = [(a.kind, a.mb, vs)] + ([("G", a.mb, vs)] if a.kind in ("B", "I") else [])
+            for key in made:
+                finish[key] = clock[r]
+                ready.extend(waiters.pop(key, ()))
+            if a.kind == "F":
+                live[r] += 1
+                peak[r] = max(peak[r], live[r])
+            elif a.kind in ("B", "W"):
+                live[r] -= 1
+            pos[r] += 1
+    stuck = {r: actions[r][pos[r]] for r in range(p) if pos[r] < len(actions[r])}
+    if stuck:
+        raise RuntimeError(f"schedule deadlocks: ranks wait forever at {stuck}")
     return SimResult(makespan=max(clock), busy=busy, start=start, peak_in_flight=peak)
 
 
