@@ -266,9 +266,8 @@ def test_simulated_v_schedules_draw_on_the_timeline(tmp_path):
 
 def _timeline_recorded():
     st = init_parallel(ParallelLayout(pp=2))
-    from gptpar.pipeline import make_pipeline
-
     from gptpar.ops import wgrad
+    from gptpar.pipeline import make_pipeline
 
     deferred = [0]
     now_or_later = wgrad.weight_grads_now_or_later
