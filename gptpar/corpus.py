@@ -234,9 +234,18 @@ def prepare(
             os.replace(tmp, os.path.join(folder, name))
         tmp = f"{meta_path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"vocab_size": vocab, "tokenizer": "json" if external else tokenizer, "files": len(files),
-                       "documents": len(docs), "tokens": int(len(ids)), "dtype": np.dtype(ids.dtype).name,
-                       "eot": eot}, f)  # fmt: skip
+            json.dump(
+                {
+                    "vocab_size": vocab,
+                    "tokenizer": "json" if external else tokenizer,
+                    "files": len(files),
+                    "documents": len(docs),
+                    "tokens": int(len(ids)),
+                    "dtype": np.dtype(ids.dtype).name,
+                    "eot": eot,
+                },
+                f,
+            )
         os.replace(tmp, meta_path)
     with open(meta_path) as f:
         meta = json.load(f)
@@ -286,8 +295,12 @@ def _tokenise(docs: list[str], tokenizer: str, vocab_size: int, folder: str, pro
             tok = Tokenizer(models.BPE())
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                          special_tokens=["<|endoftext|>"], show_progress=False)  # fmt: skip
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                special_tokens=["<|endoftext|>"],
+                show_progress=False,
+            )
             tok.train_from_iterator((d[i : i + 100_000] for d in docs for i in range(0, len(d), 100_000)), trainer)
         else:
             try:

@@ -107,6 +107,8 @@ _SIMS: dict = {}  # (schedule, p, m', v) -> SimResult
 class ScheduleStats:
     bubble_fraction: float
     peak_in_flight: list  # chunk-microbatches per rank
+    live_trace: list | None = None  # per rank: per-chunk microbatches held after each forward
+    forward_after_backward: list | None = None  # per rank: a forward runs after the first backward
 
 
 def _sim_microbatches(schedule: str, p: int, m: int) -> int:
@@ -132,10 +134,13 @@ def schedule_sim(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
         # closed forms (the simulator reproduces them exactly: tests/test_pipeline.py)
         bubble = (p - 1) / (v * m + p - 1)
         if schedule == "gpipe":
-            return ScheduleStats(bubble, [m] * p)
+            return ScheduleStats(bubble, [m] * p, [[(k,) for k in range(1, m + 1)]] * p, [False] * p)
         if schedule == "1f1b":
-            return ScheduleStats(bubble, [min(p - r, m) for r in range(p)])
-        return ScheduleStats(bubble, [min((p - r - 1) * 2 + (v - 1) * p + 1, v * m) for r in range(p)])
+            held = [min(p - r, m) for r in range(p)]
+            trace = [[(k,) for k in range(1, n + 1)] for n in held]
+            return ScheduleStats(bubble, held, trace, [m > n for n in held])
+        warm = [min((p - r - 1) * 2 + (v - 1) * p, v * m) for r in range(p)]
+        return ScheduleStats(bubble, [min(w + 1, v * m) for w in warm], None, [v * m > w + 1 for w in warm])
     ms = _sim_microbatches(schedule, p, m)
     key = (schedule, p, ms, v)
     if key not in _SIMS:
@@ -143,20 +148,19 @@ def schedule_sim(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
     sim = _SIMS[key]
     busy = sum(sim.busy) * m / ms
     idle = len(sim.busy) * sim.makespan - sum(sim.busy)
-    return ScheduleStats(idle / (idle + busy), list(sim.peak_in_flight))
+    return ScheduleStats(idle / (idle + busy), list(sim.peak_in_flight), sim.live_trace, sim.forward_after_backward)
 
 
 def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int:
     """Parameters on one tp rank holding ``units`` (:meth:`GPTConfig.unit_params`, ParallelGPT's sharding)."""
     u, L = config.unit_params(tp), config.n_layer
-    has_embedding = any(a == 0 for a, _ in units)
     total = 0
-    for a, b in units:
+    for a, b in units:  # a chunk holding the head but not the embedding keeps its own copy of a tied matrix
         for i in range(a, b):
             if i == 0:
                 total += u["embedding"]
             elif i == L + 1:
-                total += u["norm"] + (0 if (config.tie_embeddings and has_embedding) else u["head"])
+                total += u["norm"] + (0 if (config.tie_embeddings and a == 0) else u["head"])
             else:
                 total += u["block"]
     return total
@@ -243,13 +247,91 @@ def memory(
     optimizer = n * (8 + (4 if (param_bytes != 4 or zero1) else 0))
     if zero1:  # sharded over dp x cp, the gradient-reduction group
         optimizer = math.ceil(optimizer / (dp * cp))
-    acts = activation_bytes(config, units, tp, cp, micro_batch, seq_len or config.seq_len, sp, act_bytes, recompute)
+    per_chunk = [
+        activation_bytes(config, [u], tp, cp, micro_batch, seq_len or config.seq_len, sp, act_bytes, recompute)
+        for u in units
+    ]
+    if pp == 1:
+        acts = per_chunk[0]  # one microbatch at a time (gradient accumulation frees each before the next)
+    else:
+        stats = schedule_sim(schedule, pp, m, v)
+        if stats.live_trace is not None:  # each chunk's microbatches weighted by its own activations
+            acts = max(sum(k * b for k, b in zip(held, per_chunk, strict=True)) for held in stats.live_trace[rank])
+        else:
+            acts = sum(per_chunk) * stats.peak_in_flight[rank] / v
     return {
         "weights": n * param_bytes,
         "gradients": n * grad_bytes,
         "optimizer": optimizer,
-        "activations": int(acts * in_flight(schedule, pp, rank, m, v)),
+        "activations": int(acts),
     }
+
+
+def peak_memory(
+    config: GPTConfig,
+    tp=1,
+    pp=1,
+    dp=1,
+    cp=1,
+    v=1,
+    micro_batch=1,
+    m=1,
+    sp=False,
+    zero1=False,
+    param_bytes=2,
+    grad_bytes=2,
+    act_bytes=2,
+    schedule="1f1b",
+    rank=0,
+    seq_len=None,
+    recompute=False,
+) -> dict:
+    """What is alive on pp rank ``rank`` at its peak, by kind, and ``"peak"``, their sum (bytes): the
+    resident state (:func:`memory`) plus the transient the peak happens in. That peak is the last forward
+    before a backward, when every in-flight microbatch's activations are held; on the rank with the LM
+    head the loss is being computed then, so the logits (``s b V/t`` in the activation dtype, plus their
+    fp32 copy when that is narrower) are alive beside the fp32 softmax the loss saves."""
+    from gptpar.parallel.pipeline.schedules import placement
+
+    parts = memory(
+        config,
+        tp,
+        pp,
+        dp,
+        cp,
+        v,
+        micro_batch,
+        m,
+        sp,
+        zero1,
+        param_bytes,
+        grad_bytes,
+        act_bytes,
+        schedule,
+        rank,
+        seq_len,
+        recompute,
+    )
+    units = stage_units(config, pp, rank, v, placement(schedule)) if pp > 1 else [(0, config.n_layer + 2)]
+    has_head = any(b == config.n_layer + 2 for _, b in units)
+    s = (seq_len or config.seq_len) // cp
+    tokens = s * micro_batch
+    logits = tokens * (config.padded_vocab // tp)
+    head = logits * act_bytes + (logits * 4 if act_bytes != 4 else 0) if has_head else 0
+    # a block's backward working set: the MLP's hidden-size gradients and the residual stream's in and out
+    work = 3 * tokens * (config.ffn_hidden // tp) * act_bytes + 2 * tokens * config.d_model * act_bytes
+    # gradients exist at the peak when data parallelism keeps them in buffers, or once a backward has run
+    # before a later forward (gradient accumulation, a pipeline's steady state); not under GPipe's
+    # all-forwards-first without data parallelism (the trainer frees them after each step then)
+    if pp > 1:
+        after = schedule_sim(schedule, pp, m, v).forward_after_backward[rank]
+    else:
+        after = m > 1
+    if not (dp * cp > 1 or zero1 or after):
+        parts["gradients"] = 0
+    parts["transient"] = max(head, work)
+    parts["peak"] = sum(parts.values())
+    return parts
 
 
 def parse_size(text: str) -> float:
@@ -361,9 +443,10 @@ def plan(
             m = global_batch // (dp * mb)
             if L + 2 < pp * v or (sched == "interleaved" and m % pp) or (sched == "dualpipev" and m < 2 * pp):
                 continue
-            mem = {k: 0 for k in ("weights", "gradients", "optimizer", "activations")}
+            mem = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "transient")}
             for r in {0, pp - 1} if pp > 1 else {0}:  # the first and last stages hold the most
-                mr = memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, 2, 2, 2, sched, r, recompute=rc)
+                mr = peak_memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, 2, 2, 2, sched, r, recompute=rc)
+                mr.pop("peak")
                 if sum(mr.values()) > sum(mem.values()):
                     mem = mr
             if sum(mem.values()) > gpu_mem:
@@ -396,7 +479,8 @@ def explain(plans: list[Plan]) -> list[str]:
         f"winner: tp={best.tp} pp={best.pp} dp={best.dp} cp={best.cp} ({best.schedule}), "
         f"{best.step_time:.3f} s/step, {best.total_memory / GIB:.1f} GiB/GPU "
         f"(weights {best.memory['weights'] / GIB:.1f}, gradients {best.memory['gradients'] / GIB:.1f}, "
-        f"optimizer {best.memory['optimizer'] / GIB:.1f}, activations {best.memory['activations'] / GIB:.1f})"
+        f"optimizer {best.memory['optimizer'] / GIB:.1f}, activations {best.memory['activations'] / GIB:.1f}, "
+        f"transient {best.memory['transient'] / GIB:.1f} at the peak)"
     ]
     other = next((p for p in plans[1:] if (p.tp, p.pp, p.dp, p.cp) != (best.tp, best.pp, best.dp, best.cp)), None)
     if other is None:
@@ -497,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(
         f"{'tp':>3} {'pp':>3} {'dp':>3} {'cp':>3} {'schedule':>11} {'mb':>3} {'SP':>3} {'Z1':>3} {'RC':>3} {'GiB':>6} "
-        f"{'w':>5} {'g':>5} {'opt':>5} {'act':>5} {'step s':>7} {'comp':>6} {'tp':>5} {'cp':>5} {'dp':>5} {'pp':>5} {'bubble':>6}"
+        f"{'w':>5} {'g':>5} {'opt':>5} {'act':>5} {'tmp':>5} {'step s':>7} {'comp':>6} {'tp':>5} {'cp':>5} {'dp':>5} {'pp':>5} {'bubble':>6}"
     )
     for p in plans[: args.top]:
         m, t = p.memory, p.time
@@ -505,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{p.tp:3d} {p.pp:3d} {p.dp:3d} {p.cp:3d} {sched:>11} {p.micro_batch:3d} {'y' if p.sequence_parallel else '-':>3} "
             f"{'y' if p.zero1 else '-':>3} {'y' if p.recompute else '-':>3} {p.total_memory / GIB:6.1f} {m['weights'] / GIB:5.1f} "
-            f"{m['gradients'] / GIB:5.1f} {m['optimizer'] / GIB:5.1f} {m['activations'] / GIB:5.1f} {p.step_time:7.2f} "
+            f"{m['gradients'] / GIB:5.1f} {m['optimizer'] / GIB:5.1f} {m['activations'] / GIB:5.1f} {m['transient'] / GIB:5.1f} {p.step_time:7.2f} "
             f"{t['compute']:6.2f} {t['tp']:5.2f} {t['cp']:5.2f} {t['dp']:5.2f} {t['pp']:5.2f} {t['bubble']:6.2f}"
         )
     for line in explain(plans):

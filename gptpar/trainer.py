@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -214,7 +213,10 @@ class Trainer:
         bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient norm
         for step in range(self.start, args.steps):
             fault_point(step, self.st.rank, self.st.world_size, args.out)
-            record = self.train_step(step)
+            if step == self.start + 1 and self.st.device.type != "cuda":
+                record = self.tracked_step(step)  # CPU: no allocator statistics, so track this one step
+            else:
+                record = self.train_step(step)
             bad_steps = bad_steps + 1 if record["nonfinite"] else 0
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 record["val_loss"] = self.evaluate()
@@ -226,6 +228,18 @@ class Trainer:
         if bar:
             bar.close()
         self.summarize(time.perf_counter() - t_run)
+
+    def tracked_step(self, step: int) -> dict:
+        """:meth:`train_step` with every tensor storage it allocates tracked: its peak tensor memory (what a
+        GPU's allocator peak measures; reported beside the process RSS)."""
+        from gptpar.memory import step_peak_bytes
+
+        out = {}
+        extra = [b.grad for b in self.ddp.buckets] if self.ddp else []
+        self.tensor_peak = step_peak_bytes(
+            lambda: out.update(self.train_step(step)), self.chunks, self.opt, extra=extra
+        )
+        return out
 
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch ``step``; returns its log record."""
@@ -297,7 +311,9 @@ class Trainer:
             sync = self.ddp.no_sync() if (self.ddp and i < m - 1) else contextlib.nullcontext()
             with sync:
                 with autocast(self.args.precision, self.st.device.type):
-                    _, loss_i = self.chunks[0](xs[i], ys[i], loss_normalizer=count, doc_ids=docs[i])
+                    # [1]: the logits (the largest tensor of the step) are dropped at once, not held by a
+                    # name through backward
+                    loss_i = self.chunks[0](xs[i], ys[i], loss_normalizer=count, doc_ids=docs[i])[1]
                 (loss_i * scale).backward()
             total += loss_i.detach().float()
         return total
@@ -390,19 +406,23 @@ class Trainer:
 
     def summarize(self, elapsed: float) -> None:
         """summary.json and loss.png (rank 0): throughput, each rank's peak memory, communication time."""
+        from gptpar.memory import rss_peak_bytes
+
         args, st = self.args, self.st
         if st.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(st.device)
+            peak = torch.cuda.max_memory_allocated(st.device)  # the caching allocator's peak over the run
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        mems = comm.all_gather(torch.tensor([peak], dtype=torch.float64, device=st.device), st.world, 0).tolist()
+            peak = getattr(self, "tensor_peak", 0)  # tracked over one step (0: the run had one step)
+        both = torch.tensor([peak, rss_peak_bytes()], dtype=torch.float64, device=st.device)
+        mems, rss = comm.all_gather(both, st.world, 0).view(-1, 2).t().tolist()
         if not self.rank0:
             return
         summary = {
             "steps": args.steps,
             "layout": str(st.layout),
             "tokens_per_s": self.tokens_done / elapsed if elapsed else 0,
-            "peak_memory_bytes_per_rank": mems,
+            "peak_memory_bytes_per_rank": mems,  # tensors: allocator peak (GPU) or tracked step peak (CPU)
+            "peak_rss_bytes_per_rank": rss,  # the whole process, interpreter and libraries included
             "time_in_communication_s_rank0": self.comm_s,
             "elapsed_s": elapsed,
         }
@@ -411,7 +431,8 @@ class Trainer:
         png = os.path.join(args.out, "loss.png")
         plot_losses(self.log_path, png)
         print(
-            f"gptpar train: {args.steps} steps, {summary['tokens_per_s']:,.0f} tokens/s, peak memory per rank "
-            f"{max(mems) / 2**20:.0f} MiB, {self.comm_s:.1f}s in communication (rank 0); "
+            f"gptpar train: {args.steps} steps, {summary['tokens_per_s']:,.0f} tokens/s, peak tensor memory per "
+            f"rank {max(mems) / 2**20:.1f} MiB ({'allocator' if st.device.type == 'cuda' else 'tracked over step 2'}; "
+            f"process RSS {max(rss) / 2**20:.0f} MiB), {self.comm_s:.1f}s in communication (rank 0); "
             f"log {self.log_path}, plot {png}"
         )

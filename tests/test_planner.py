@@ -9,7 +9,7 @@ import torch
 from gptpar import GPTConfig, ParallelGPT, ParallelLayout, init_parallel
 from gptpar.parallel.data import DataParallel
 from gptpar.parallel.zero import ZeroAdamW
-from gptpar.planner import korthikanti_bytes, memory, plan, stage_units
+from gptpar.planner import korthikanti_bytes, memory, peak_memory, plan, stage_units
 from gptpar.testing import run_distributed
 
 CONFIG = GPTConfig(vocab_size=256, seq_len=64, n_layer=4, n_head=4, d_model=64)
@@ -90,6 +90,95 @@ def test_memory_model_matches_measured_bytes_within_10_percent(case):
         for kind in ("weights", "gradients", "optimizer", "activations"):
             assert got[kind] > 0
             assert want[kind] == pytest.approx(got[kind], rel=0.10), (case, rank, kind, got, want)
+
+
+PEAK_CONFIG = GPTConfig(vocab_size=1024, seq_len=64, n_layer=4, n_head=4, d_model=64)
+
+
+def _measure_peak(layout, sp=False, zero1=False, recompute=False, schedule="1f1b", m=2, b=4):
+    """The trainer's step (micro-batches with data-parallel sync on the last, or the pipeline engine; the
+    reduction; AdamW or ZeRO-1; gradients cleared) run once to warm up, then once under the tracker."""
+    import contextlib
+
+    from gptpar.memory import step_peak_bytes
+
+    torch.manual_seed(0)
+    st = init_parallel(layout)
+    opts = {"sequence_parallel": sp, "recompute": recompute}
+    engine = None
+    if layout.pp > 1:
+        from gptpar.pipeline import make_pipeline
+
+        engine, _ = make_pipeline(PEAK_CONFIG, st, schedule, m, 1, **opts)
+        chunks = engine.chunks
+    else:
+        chunks = [ParallelGPT(PEAK_CONFIG, st, **opts)]
+    params = [p for c in chunks for p in c.parameters()]
+    ddp = DataParallel(params, st, shard_grads=zero1, average=False) if st.dp.size * st.cp.size > 1 else None
+    opt = ZeroAdamW(ddp) if zero1 else torch.optim.AdamW(params)
+    idx = torch.randint(0, PEAK_CONFIG.vocab_size, (b, PEAK_CONFIG.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        if engine is not None:
+            with ddp.no_sync() if ddp else contextlib.nullcontext():
+                engine.step(idx, idx)
+        else:
+            for i, x in enumerate(idx.chunk(m)):
+                with ddp.no_sync() if (ddp and i < m - 1) else contextlib.nullcontext():
+                    chunks[0](x, x)[1].backward()
+        if ddp:
+            ddp.finish()
+        opt.step()
+        if ddp:
+            ddp.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=True)
+
+    step()
+    measured = step_peak_bytes(step, chunks, opt, extra=[bk.grad for bk in ddp.buckets] if ddp else [])
+    v = 2 if schedule in ("zbv", "dualpipev") else 1
+    want = peak_memory(
+        PEAK_CONFIG,
+        layout.tp,
+        layout.pp,
+        layout.dp,
+        layout.cp,
+        v,
+        b // m,
+        m,
+        sp,
+        zero1,
+        4,
+        4,
+        4,
+        schedule,
+        st.pp.rank,
+        recompute=recompute,
+    )
+    return measured, want
+
+
+PEAK_CASES = {
+    "tp1": (ParallelLayout(), {}),
+    "tp2": (ParallelLayout(tp=2), {}),
+    "tp2-sp": (ParallelLayout(tp=2), {"sp": True}),
+    "tp2-recompute": (ParallelLayout(tp=2), {"recompute": True}),
+    "pp2-1f1b": (ParallelLayout(pp=2), {"m": 4}),
+    "pp2-gpipe": (ParallelLayout(pp=2), {"m": 4, "schedule": "gpipe"}),
+    "pp2-zbv": (ParallelLayout(pp=2), {"m": 4, "schedule": "zbv"}),
+    "dp2-zero1": (ParallelLayout(dp=2), {"zero1": True}),
+    "cp2": (ParallelLayout(cp=2), {}),
+    "tp2xpp2": (ParallelLayout(tp=2, pp=2), {"m": 4}),
+}
+
+
+@pytest.mark.parametrize("case", list(PEAK_CASES))
+def test_planner_peak_memory_within_10_percent_of_the_measured_step_peak(case):
+    """The whole step's peak (forward, backward, reduction, optimizer), measured by tracking every tensor
+    storage alive, against :func:`gptpar.planner.peak_memory` on every rank."""
+    layout, kw = PEAK_CASES[case]
+    for rank, (got, want) in enumerate(run_distributed(_measure_peak, layout.world_size, layout, **kw)):
+        assert want["peak"] == pytest.approx(got, rel=0.10), (case, rank, got, want)
 
 
 def test_planner_ranks_layouts_that_fit_and_explains_them():

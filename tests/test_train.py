@@ -86,6 +86,9 @@ def test_single_process_run_learns_and_writes_its_outputs(single):
         assert os.path.getsize(os.path.join(single, name)) > 0
     summary = json.load(open(os.path.join(single, "summary.json")))
     assert summary["tokens_per_s"] > 0 and len(summary["peak_memory_bytes_per_rank"]) == 1
+    # the tensors' peak (tracked over step 2 on CPU), well under the process's RSS, reported beside it
+    (peak,), (rss,) = summary["peak_memory_bytes_per_rank"], summary["peak_rss_bytes_per_rank"]
+    assert 0 < peak < rss / 4, (peak, rss)
 
 
 @pytest.mark.parametrize(

@@ -282,8 +282,8 @@ class ParallelGPT(nn.Module):
         )
         if self.has_head:
             self.ln_f = make_norm(config, fused=True)
-            self.lm_head = ColumnParallelLinear(
-                config.d_model, config.padded_vocab, bias=False, group=tp, sequence_parallel=sp
+            self.lm_head = ColumnParallelLinear(  # takes [b, s', h]: see head()
+                config.d_model, config.padded_vocab, bias=False, group=tp, sequence_parallel=sp, seq_dim=1
             )
             if config.tie_embeddings and self.has_embedding:
                 self.lm_head.weight = self.wte.weight  # both [V/tp, h], split the same way
@@ -347,7 +347,9 @@ class ParallelGPT(nn.Module):
         losses (over cp too) divided by their count, or by ``loss_normalizer`` when given (a count over more
         tokens than this call sees: micro-batches, dp ranks). Padded vocabulary columns
         (``>= vocab_size``) hold -inf: out of the softmax, the loss and sampling."""
-        logits = self.lm_head(self.ln_f(x)).transpose(0, 1)
+        # batch-major before the LM head: the logits (and their gradient, the step's largest tensors) are
+        # then contiguous, with no [b, s, V/tp] copy in backward; the transpose copies only [s, b, h]
+        logits = self.lm_head(self.ln_f(x).transpose(0, 1))
         local = logits.shape[-1]
         first_padded = self.config.vocab_size - self.tp.rank * local  # local index of the first padded column
         if first_padded < local:

@@ -170,6 +170,10 @@ class ZeroAdamW:
                 src = st.get(key) if key != "master" else st.get("master", prm.detach())
                 view.copy_(src.reshape(-1)[start:end])
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of optimizer state on this rank (fp32 master slices and both moments)."""
+        return [x for _, _, master, m, v in self.slices for x in (master, m, v)]
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank: fp32 master weights and both Adam moments."""
         return sum(x.numel() * x.element_size() for _, _, master, m, v in self.slices for x in (master, m, v))

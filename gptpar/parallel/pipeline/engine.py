@@ -173,7 +173,8 @@ class PipelineEngine:
                 ):
                     if vs == self.nvs - 1:
                         tgt = mb_tgt[a.mb].to(self.state.device)
-                        _, loss = chunk(x, tgt, ignore_index, loss_normalizer=norm, **side(a.mb))
+                        # [1]: drop the logits at once (a name would hold them until the next forward)
+                        loss = chunk(x, tgt, ignore_index, loss_normalizer=norm, **side(a.mb))[1]
                         losses.append(loss.detach())
                         y = loss * loss_scale
                     else:
@@ -207,8 +208,9 @@ class PipelineEngine:
                     live -= 1
                     live_bytes -= act_bytes.pop(key)
             elif a.kind == "W":
-                for run in deferred.pop(key):
-                    run()
+                queue = deferred.pop(key)
+                while queue:  # popped as run: no name keeps a closure (and the gradient it holds) alive
+                    queue.pop(0)()
                 live -= 1
                 live_bytes -= act_bytes.pop(key)
             if self.record:

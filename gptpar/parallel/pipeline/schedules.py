@@ -299,6 +299,10 @@ class SimResult:
     busy: list[float]
     start: dict  # (rank, index) -> start time
     peak_in_flight: list[int]
+    # per rank: each chunk's count of microbatches held, after every forward (for weighting chunks whose
+    # activations differ in size), and whether a forward runs after the rank's first backward
+    live_trace: list[list[tuple[int, ...]]] | None = None
+    forward_after_backward: list[bool] | None = None
 
     @property
     def bubble_fraction(self) -> float:
@@ -325,6 +329,10 @@ def simulate(actions: list[list[Action]], v: int = 1, cost: dict | None = None, 
     start = {}
     live = [0] * p
     peak = [0] * p
+    chunk_live = [[0] * v for _ in range(p)]
+    trace: list[list[tuple[int, ...]]] = [[] for _ in range(p)]
+    backward_seen = [False] * p
+    fwd_after_bwd = [False] * p
     # Event-driven: a rank runs its actions in order until one waits on a result not produced yet; it is
     # woken when that result appears. (Start times depend only on dependencies and program order, not on
     # the order ranks are visited.)
@@ -361,13 +369,26 @@ def simulate(actions: list[list[Action]], v: int = 1, cost: dict | None = None, 
             if a.kind == "F":
                 live[r] += 1
                 peak[r] = max(peak[r], live[r])
+                chunk_live[r][a.chunk] += 1
+                trace[r].append(tuple(chunk_live[r]))
+                fwd_after_bwd[r] = fwd_after_bwd[r] or backward_seen[r]
             elif a.kind in ("B", "W"):
                 live[r] -= 1
+                chunk_live[r][a.chunk] -= 1
+            if a.kind in ("B", "I"):
+                backward_seen[r] = True
             pos[r] += 1
     stuck = {r: actions[r][pos[r]] for r in range(p) if pos[r] < len(actions[r])}
     if stuck:
         raise RuntimeError(f"schedule deadlocks: ranks wait forever at {stuck}")
-    return SimResult(makespan=max(clock), busy=busy, start=start, peak_in_flight=peak)
+    return SimResult(
+        makespan=max(clock),
+        busy=busy,
+        start=start,
+        peak_in_flight=peak,
+        live_trace=trace,
+        forward_after_backward=fwd_after_bwd,
+    )
 
 
 def validate(actions: list[list[Action]], m: int, v: int = 1) -> None:
