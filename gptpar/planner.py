@@ -7,7 +7,8 @@ Memory per GPU (bytes), for the rank holding the most:
 * optimizer: AdamW's two fp32 moments, plus fp32 master weights when parameters are not fp32; divided by
   dp with ZeRO-1 (Rajbhandari et al. 2020, "ZeRO", stage 1);
 * activations: what gptpar's layers save for backward, per microbatch (below), times the microbatches a
-  stage holds at once: ``min(p - r, m)`` for 1F1B on rank r (Narayanan et al. 2021), ``m`` for GPipe.
+  stage holds at once, from the schedule (``min(p - r, m)`` for 1F1B on rank r, ``m`` for GPipe, the
+  simulation for the others).
 
 Activations per layer, per microbatch of ``b`` sequences of ``s`` tokens (``s`` already divided by cp;
 ``t`` = tp; ``a`` heads; ``f`` MLP width; element size ``e``), gptpar's implementation — flash-style
@@ -28,15 +29,27 @@ attention does not keep.
 Full recomputation (``recompute``, gptpar's ``ParallelGPT(recompute=True)``) keeps one ``s' b h e`` input per
 layer and costs one more forward (compute x 4/3).
 
-Time: compute at an assumed MFU (6 N tokens FLOPs + attention), tp communication (4 all-reduces or
-all-gather/reduce-scatter pairs per layer forward+backward of ``s b h e`` bytes, ring cost
-``2 (t-1)/t`` over the intra-node link), cp ring attention K/V traffic, the gradient all-reduce over dp x cp
-across the slowest link it crosses, pipeline P2P, and the pipeline bubble ``(p-1)/(m+p-1)`` (``/v`` interleaved).
+Peak memory (:func:`peak_memory`, what ``gptpar plan`` fits into a GPU): the resident state plus what is
+alive at the rank's peak: every in-flight microbatch's activations (the schedule simulated; chunks of a V
+or interleaved placement weighted by their own activations), and the larger of the LM head's logits
+(during the loss) and a block's backward working set; gradients only once they exist (data-parallel
+buffers, or a forward after a backward). Checked against the tracked peak of real steps on 10 CPU
+layouts (tests/test_planner.py, within 10%).
+
+Time (:func:`step_time`): every GEMM at its shape's rate from a calibration (``gptpar plan --calibrate`` for
+this machine; GPU presets carry a cuBLAS-shaped curve), flash attention, memory-bound elementwise work,
+per-op overhead, recomputation; the slowest pipeline stage sets the pace; tp all-reduces exposed; cp
+ring traffic, pipeline P2P and the dp reduction hidden as far as the device overlaps communication with
+compute (as gptpar schedules them); the bubble from simulating the schedule. Checked against Megatron-LM's
+published Table 1 (within 15% with one fitted scalar, :func:`table1_comparison`); bench/planner.py also
+ranks real layouts on CPU processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -128,16 +141,26 @@ def schedule_sim(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
     and the most chunk-microbatches each rank holds at once. Past ``2p`` microbatches the idle time is
     taken from a ``2p`` simulation (it is the warm-up and cool-down's) and the busy time scaled to ``m``.
     GPipe, 1F1B and interleaved 1F1B by their closed forms."""
+    key = (schedule, p, m, v)
+    if key not in _STATS:
+        _STATS[key] = _schedule_stats(schedule, p, m, v)
+    return _STATS[key]
+
+
+_STATS: dict = {}
+
+
+def _schedule_stats(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
     from gptpar.parallel.pipeline.schedules import build, placement, simulate
 
     if schedule in ("gpipe", "1f1b") or (schedule == "interleaved" and m % p == 0):
         # closed forms (the simulator reproduces them exactly: tests/test_pipeline.py)
         bubble = (p - 1) / (v * m + p - 1)
         if schedule == "gpipe":
-            return ScheduleStats(bubble, [m] * p, [[(k,) for k in range(1, m + 1)]] * p, [False] * p)
+            return ScheduleStats(bubble, [m] * p, [tuple((k,) for k in range(1, m + 1))] * p, [False] * p)
         if schedule == "1f1b":
             held = [min(p - r, m) for r in range(p)]
-            trace = [[(k,) for k in range(1, n + 1)] for n in held]
+            trace = [tuple((k,) for k in range(1, n + 1)) for n in held]
             return ScheduleStats(bubble, held, trace, [m > n for n in held])
         warm = [min((p - r - 1) * 2 + (v - 1) * p, v * m) for r in range(p)]
         return ScheduleStats(bubble, [min(w + 1, v * m) for w in warm], None, [v * m > w + 1 for w in warm])
@@ -148,7 +171,8 @@ def schedule_sim(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
     sim = _SIMS[key]
     busy = sum(sim.busy) * m / ms
     idle = len(sim.busy) * sim.makespan - sum(sim.busy)
-    return ScheduleStats(idle / (idle + busy), list(sim.peak_in_flight), sim.live_trace, sim.forward_after_backward)
+    trace = [tuple(t) for t in sim.live_trace]
+    return ScheduleStats(idle / (idle + busy), list(sim.peak_in_flight), trace, sim.forward_after_backward)
 
 
 def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int:
@@ -219,6 +243,11 @@ def in_flight(schedule: str, p: int, r: int, m: int, v: int) -> float:
     return schedule_sim(schedule, p, m, v).peak_in_flight[r] / v
 
 
+@functools.lru_cache(maxsize=65536)
+def _weighted_peak(trace: tuple, per_chunk: tuple) -> float:
+    return max(sum(k * b for k, b in zip(held, per_chunk, strict=True)) for held in trace)
+
+
 def memory(
     config: GPTConfig,
     tp=1,
@@ -256,7 +285,7 @@ def memory(
     else:
         stats = schedule_sim(schedule, pp, m, v)
         if stats.live_trace is not None:  # each chunk's microbatches weighted by its own activations
-            acts = max(sum(k * b for k, b in zip(held, per_chunk, strict=True)) for held in stats.live_trace[rank])
+            acts = _weighted_peak(stats.live_trace[rank], tuple(per_chunk))
         else:
             acts = sum(per_chunk) * stats.peak_in_flight[rank] / v
     return {
@@ -369,6 +398,291 @@ GPUS = {  # NVIDIA's data sheets (dense bf16); memory as nvidia-smi reports it (
 }
 
 
+# ---------------------------------------------------------------------------------------------- time model
+@dataclass(frozen=True)
+class Calibration:
+    """What a device achieves, for the time model: GEMM FLOP/s as a function of the GEMM's size (the
+    geometric mean of M, N, K; interpolated in log space, clamped at the ends), memory bandwidth for the
+    elementwise work, and the latency of one collective or P2P message. ``gptpar plan --calibrate``
+    measures this machine's; the GPU presets carry a curve shaped like published cuBLAS bf16 results."""
+
+    device: str
+    gemm: tuple[tuple[float, float], ...]  # (geometric-mean dimension, FLOP/s), increasing dimension
+    mem_bw: float  # bytes/s
+    latency: float = 10e-6  # seconds per message
+    share: float = 1.0  # fraction of the device one rank gets (CPU processes sharing cores)
+    scale: float = 1.0  # end-to-end efficiency over the kernels' (launches, framework): fitted once
+    op_overhead: float = 5e-6  # seconds of framework/launch time per op, whatever its size
+    overlap: float = 1.0  # share of communication that runs beside compute (GPU: own engines; CPU: ~0)
+
+    def gemm_rate(self, m: float, n: float, k: float) -> float:
+        g = max(1.0, (m * n * k) ** (1 / 3))
+        pts, f = self.gemm, self.share * self.scale
+        if g <= pts[0][0]:
+            return pts[0][1] * f
+        for (g0, r0), (g1, r1) in itertools.pairwise(pts):
+            if g <= g1:
+                w = math.log(g / g0) / math.log(g1 / g0)
+                return (r0 + w * (r1 - r0)) * f
+        return pts[-1][1] * f
+
+    def mem_time(self, nbytes: float) -> float:
+        return nbytes / (self.mem_bw * self.share * self.scale)
+
+    def gemm_time(self, m: float, n: float, k: float) -> float:
+        return 2 * m * n * k / self.gemm_rate(m, n, k)
+
+
+def gpu_calibration(gpu: GPU) -> Calibration:
+    """A GPU preset's curve: the share of dense peak a bf16 GEMM of that size reaches (typical cuBLAS)."""
+    eff = ((256, 0.20), (512, 0.42), (1024, 0.62), (2048, 0.74), (4096, 0.78), (8192, 0.79), (16384, 0.80))
+    bw = {"a100": 1.8e12, "a100-40gb": 1.4e12, "h100": 3.0e12, "h200": 4.3e12, "b200": 7.0e12}
+    key = next((k for k, g in GPUS.items() if g == gpu), "h100")
+    return Calibration(gpu.name, tuple((d, e * gpu.peak_flops) for d, e in eff), bw[key], 10e-6)
+
+
+def calibrate(device: str = "cpu", threads: int = 1, dtype=None, reps: int = 3) -> Calibration:
+    """Measure this machine: matmul FLOP/s at sizes 64..2048 (CPU, ``threads`` threads: one rank's share) or
+    up to 8192 (CUDA), and copy bandwidth."""
+    import time
+
+    import torch
+
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    sizes = (64, 128, 256, 512, 1024, 2048) + ((4096, 8192) if device == "cuda" else ())
+    points = []
+
+    def timed(fn):
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        points.append((float(n), 2 * n**3 / timed(lambda a=a, b=b: a @ b)))
+    x = torch.randn(1 << 24, device=device)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 4 / timed(lambda: y.copy_(x))
+    tiny = torch.ones(1, device=device)
+    op = timed(lambda: [tiny.add(1) for _ in range(100)]) / 100
+    name = f"{device} ({threads} thread(s))" if device == "cpu" else device
+    # CPU processes compute and communicate on the same cores: nothing overlaps
+    return Calibration(name, tuple(points), bw, 50e-6, op_overhead=op, overlap=0.0 if device == "cpu" else 1.0)
+
+
+_STAGES: dict = {}
+
+
+def _stage_blocks(config: GPTConfig, pp: int, v: int, style: str) -> list[tuple[int, bool]]:
+    """Per pp rank: its transformer blocks and whether it holds the LM head (cached)."""
+    key = (repr(config), pp, v, style)
+    if key not in _STAGES:
+        L, out = config.n_layer, []
+        for r in range(pp):
+            units = stage_units(config, pp, r, v, style)
+            n_blocks = sum(max(0, min(b, L + 1) - max(a, 1)) for a, b in units)
+            out.append((n_blocks, any(b == L + 2 for _, b in units)))
+        _STAGES[key] = out
+    return _STAGES[key]
+
+
+def step_time(
+    config: GPTConfig,
+    cal: Calibration,
+    tp=1,
+    pp=1,
+    dp=1,
+    cp=1,
+    v=1,
+    micro_batch=1,
+    m=1,
+    sp=False,
+    recompute=False,
+    schedule="1f1b",
+    intra_bw=450e9,
+    inter_bw=50e9,
+    gpus_per_node=8,
+    elem=2,
+    overlap_dp=True,
+    attention="flash",
+    split="gptpar",
+    reduce_bytes=None,
+) -> dict:
+    """Seconds per step by kind, as gptpar runs it: ``compute`` (every GEMM at its shape's calibrated rate,
+    flash attention, the memory-bound elementwise work, recomputation), ``tp`` (the per-layer all-reduces
+    or SP gather/scatter, exposed), ``cp`` (ring K/V traffic beyond what the attention compute hides),
+    ``pp`` (P2P on the fill and drain, the rest overlapped), ``dp`` (the gradient reduction beyond what the
+    last microbatch's backward hides), ``bubble`` (the schedule simulated) and ``optimizer``.
+    ``attention="materialized"``: attention as Megatron ran it in 2021 (scores, softmax and dropout
+    written out: ``~10 a s^2 b`` bytes of traffic per layer forward, Korthikanti et al.'s ``5 a s^2`` stored
+    bytes read and written), for comparing with published results of that code. ``split``: ``"gptpar"``
+    (its balanced partition; the slowest stage sets the pace) or ``"even"`` (``L/pp`` layers per stage,
+    the LM head on the last one, as Megatron splits)."""
+    h, f, L, V = config.d_model, config.ffn_hidden, config.n_layer, config.padded_vocab
+    s = config.seq_len // cp
+    T = s * micro_batch  # tokens of a microbatch on this rank
+    q, kv = config.q_size // tp, config.kv_size // max(1, tp if config.n_kv_head % tp == 0 else 1)
+    up = f * (2 if config.activation == "swiglu" else 1) // tp
+    g = cal.gemm_time
+    gemms = g(T, q + 2 * kv, h) + g(T, h, q) + g(T, up, h) + g(T, h, f // tp)
+    # attention: QK^T and PV over the whole sequence's keys, causal half
+    hd = config.head_dim
+    if attention == "flash":
+        attn = 2 * (config.n_head // tp) * micro_batch * g(s, config.seq_len / 2, hd)
+    else:  # full score matrices through memory
+        attn = 2 * (config.n_head // tp) * micro_batch * g(s, config.seq_len, hd)
+        attn += cal.mem_time(10 * (config.n_head // tp) * s * config.seq_len * micro_batch)
+    # norms, residual adds, bias + activation, dropout, layout copies: bytes moved per token and layer
+    elementwise = cal.mem_time((16 + 16 * f / (4 * h) / tp) * T * h * elem)
+    ops = 30 * cal.op_overhead / (cal.share * cal.scale)  # ~30 ops per layer forward, twice that backward
+    layer_f = gemms + attn + elementwise + ops
+    layer_b = 2 * gemms + 2.5 * attn + 2 * elementwise + 2 * ops
+    head_f = g(T, V / tp, h) + cal.mem_time(3 * T * (V / tp) * 4)
+    # the slowest stage sets the pipeline's pace: per stage, its layers and (last) the LM head
+    if pp == 1:
+        stages = [(L, True)]
+    elif split == "even":
+        stages = [(L / pp, r == pp - 1) for r in range(pp)]
+    else:
+        from gptpar.parallel.pipeline.schedules import placement
+
+        stages = _stage_blocks(config, pp, v, placement(schedule))
+
+    def stage_mb(n_layers, has_head):
+        f_ = n_layers * layer_f + (head_f if has_head else 0.0)
+        b_ = n_layers * layer_b + (2 * head_f if has_head else 0.0)
+        return f_, b_ + (n_layers * layer_f if recompute else 0.0)
+
+    f_mb, b_mb = max((stage_mb(*st) for st in stages), key=sum)
+    per_mb = f_mb + b_mb
+    layers = max(n for n, _ in stages)
+    # tensor parallel: 2 all-reduces forward, 2 backward per layer (+2 when recomputing), T h e bytes each
+    ar = cal.latency + 2 * (tp - 1) / tp * T * h * elem / intra_bw if tp > 1 else 0.0
+    tp_mb = layers * ar * (6 if recompute else 4)
+    # context parallel: (cp-1) K/V blocks forward, K/V + fp32 dK/dV back, per layer; hidden behind attention
+    if cp > 1:
+        cp_bw = intra_bw if tp * cp <= gpus_per_node else inter_bw
+        kv_bytes = 2 * T * kv * elem
+        comm = (cp - 1) * (cal.latency + (kv_bytes + kv_bytes * (1 + 4 / elem)) / cp_bw)
+        cp_mb = layers * max(0.0, comm - cal.overlap * 3.5 * attn)
+    else:
+        cp_mb = 0.0
+    compute = m * per_mb
+    if pp > 1:
+        bub = schedule_sim(schedule, pp, m, v).bubble_fraction
+        bubble = compute * bub / (1 - bub)
+        pp_bw = inter_bw if tp * cp * dp >= gpus_per_node else intra_bw
+        p2p = cal.latency + T * h * elem / pp_bw
+        # fill and drain; steady-state transfers overlap compute (as far as the device overlaps at all)
+        pp_time = 2 * (pp - 1) * v * p2p + (1 - cal.overlap) * 2 * m * v * p2p
+    else:
+        bubble = pp_time = 0.0
+    n_local = config.num_params() / (tp * pp)
+    gsize = dp * cp
+    if gsize > 1:
+        dp_bw = intra_bw if tp * cp * dp <= gpus_per_node else inter_bw
+        red = cal.latency * 4 + 2 * (gsize - 1) / gsize * n_local * (reduce_bytes or elem) / dp_bw
+        dp_time = max(0.1 * red, red - cal.overlap * b_mb) if overlap_dp else red
+    else:
+        dp_time = 0.0
+    optimizer = cal.mem_time(n_local * 16 * 2)  # AdamW: read and write weights, grads, two moments
+    return {
+        "compute": compute,
+        "tp": m * tp_mb,
+        "cp": m * cp_mb,
+        "pp": pp_time,
+        "dp": dp_time,
+        "bubble": bubble,
+        "optimizer": optimizer,
+    }
+
+
+# Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM"),
+# Table 1, on A100-80GB (DGX A100 nodes): billions of parameters, heads, hidden, layers, tp, pp, GPUs,
+# global batch, achieved TFLOP/s per GPU (their FLOP count: with recomputation, vocab 51200, seq 2048).
+MEGATRON_TABLE1 = (
+    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137),
+    (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
+    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142),
+    (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
+    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138),
+    (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
+    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148),
+    (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
+    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
+    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
+)
+
+
+def table1_comparison(cal: Calibration | None = None, fit: bool = True) -> list[dict]:
+    """Predicted TFLOP/s per GPU for every Table 1 row, run as Megatron ran it (1F1B, micro-batch 1, full
+    recomputation, attention through memory, even layer split, NVLink at NCCL's ~230 GB/s bus bandwidth,
+    25 GB/s of InfiniBand per GPU), beside the published number. ``fit``: one scalar for the device's
+    end-to-end efficiency (``Calibration.scale``), the geometric mean of published over predicted across
+    the rows: the only number fitted; the curve's shape, the layouts and everything else are given."""
+    import dataclasses
+
+    cal = cal or gpu_calibration(GPUS["a100"])
+
+    def predict(c):
+        out = []
+        for params, a, h, L, tp, pp, n, batch, published in MEGATRON_TABLE1:
+            cfg = GPTConfig(vocab_size=51200, seq_len=2048, n_layer=L, n_head=a, d_model=h)
+            dp = n // (tp * pp)
+            m = batch // dp
+            t = step_time(
+                cfg,
+                c,
+                tp,
+                pp,
+                dp,
+                1,
+                1,
+                1,
+                m,
+                False,
+                True,
+                "1f1b",
+                230e9,
+                25e9,
+                8,
+                attention="materialized",
+                overlap_dp=False,
+                split="even",
+            )
+            flops = 96 * batch * 2048 * L * h * h * (1 + 2048 / (6 * h) + 51200 / (16 * L * h))
+            tflops = flops / sum(t.values()) / n / 1e12
+            out.append(
+                {
+                    "params_b": params,
+                    "tp": tp,
+                    "pp": pp,
+                    "dp": dp,
+                    "gpus": n,
+                    "published": published,
+                    "predicted": tflops,
+                    "time": t,
+                }
+            )
+        return out
+
+    rows = predict(cal)
+    if fit:
+        k = math.exp(sum(math.log(r["published"] / r["predicted"]) for r in rows) / len(rows))
+        rows = predict(dataclasses.replace(cal, scale=cal.scale * k))
+    return rows
+
+
 def model_for(params: str, seq: int) -> GPTConfig:
     key = params.strip().upper()
     for name, (L, h, a) in GPT3_SHAPES.items():
@@ -412,23 +726,22 @@ def plan(
     gpus_per_node: int = 8,
     intra_bw: float = 450e9,
     inter_bw: float = 50e9,
-    peak_flops: float = 989e12,
-    mfu: float = 0.5,
-    top: int = 10,
+    cal: Calibration | None = None,
+    top: int | None = 10,
     schedules: tuple[str, ...] = PLAN_SCHEDULES,
     micro_batches: tuple[int, ...] = (1, 2, 4, 8),
+    elem: int = 2,
 ) -> list[Plan]:
-    """Every layout that fits, ranked by estimated step time (see module docstring). Pipelines are tried
-    under each of ``schedules`` (1F1B, interleaved with v=2, ZB-H1, ZB-V, ...): their in-flight activations
-    and bubbles come from simulating the schedule itself."""
-    s, h, L, a = config.seq_len, config.d_model, config.n_layer, config.n_head
-    n_total = config.num_params()
+    """Every layout that fits (its peak memory, :func:`peak_memory`, within ``gpu_mem``), ranked by the
+    step time :func:`step_time` predicts with ``cal`` (default: an H100's curve). Pipelines are tried under
+    each of ``schedules`` (1F1B, interleaved with v=2, ZB-H1, ZB-V, ...): their in-flight activations and
+    bubbles come from simulating the schedule itself."""
+    cal = cal or gpu_calibration(GPUS["h100"])
+    s, L, a = config.seq_len, config.n_layer, config.n_head
     out = []
-    tokens = global_batch * s
-    flops = 6 * n_total * tokens + 12 * L * h * s * tokens
     for tp, pp, cp in itertools.product(divisors(gpus), divisors(gpus), [1, 2, 4, 8]):
-        if tp > gpus_per_node or tp * pp * cp > gpus or gpus % (tp * pp * cp):
-            continue
+        if tp > gpus_per_node or gpus_per_node % tp or tp * pp * cp > gpus or gpus % (tp * pp * cp):
+            continue  # (a tp group stays inside a node)
         dp = gpus // (tp * pp * cp)
         if a % tp or config.n_kv_head % tp and tp % config.n_kv_head or config.padded_vocab % tp:
             continue
@@ -445,27 +758,17 @@ def plan(
                 continue
             mem = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "transient")}
             for r in {0, pp - 1} if pp > 1 else {0}:  # the first and last stages hold the most
-                mr = peak_memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, 2, 2, 2, sched, r, recompute=rc)
+                mr = peak_memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, elem, elem, elem, sched, r, recompute=rc)
                 mr.pop("peak")
                 if sum(mr.values()) > sum(mem.values()):
                     mem = mr
             if sum(mem.values()) > gpu_mem:
                 continue
-            compute = flops / (gpus * peak_flops * mfu) * (4 / 3 if rc else 1)  # recompute: one more forward
-            per_layer = 4 * 2 * (tp - 1) / tp * (s // cp) * mb * h * 2 if tp > 1 else 0
-            tp_time = per_layer * (L / pp) * m / intra_bw
-            cp_bw = intra_bw if tp * cp <= gpus_per_node else inter_bw
-            cp_time = 3 * (cp - 1) * 2 * mb * (s // cp) * h // tp * 2 * (L / pp) * m / cp_bw if cp > 1 else 0
-            dp_bw = intra_bw if tp * cp * dp <= gpus_per_node else inter_bw
-            g = dp * cp  # gradients are reduced over dp x cp (cp ranks hold partial sums)
-            dp_time = 2 * (g - 1) / g * (n_total / (tp * pp)) * 2 / dp_bw if g > 1 else 0
-            pp_bw = inter_bw if tp * cp * dp >= gpus_per_node else intra_bw
-            pp_time = 2 * m * v * (s // cp) * mb * h * 2 / pp_bw if pp > 1 else 0
-            bub = schedule_sim(sched, pp, m, v).bubble_fraction if pp > 1 else 0.0
-            bubble = compute * bub / (1 - bub)
-            time = {"compute": compute, "tp": tp_time, "cp": cp_time, "dp": dp_time, "pp": pp_time, "bubble": bubble}
+            time = step_time(
+                config, cal, tp, pp, dp, cp, v, mb, m, sp, rc, sched, intra_bw, inter_bw, gpus_per_node, elem
+            )
             out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time, rc, sched if pp > 1 else "-"))
-    out.sort(key=lambda p: p.step_time)
+    out.sort(key=lambda p: (round(p.step_time, 9), p.total_memory))  # ties: the smaller footprint first
     return out[:top] if top else out
 
 
@@ -515,11 +818,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--global-batch", type=int, default=1024)
     ap.add_argument("--gpus-per-node", type=int, default=None)
     ap.add_argument("--link", default=None, help="per-GPU bandwidths, e.g. nvlink:450GB/s,ib:50GB/s")
-    ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--mfu", type=float, default=0.5)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak, scaling the --gpu's GEMM curve")
+    ap.add_argument("--calibration", default=None, help="a JSON written by --calibrate (instead of the --gpu's)")
+    ap.add_argument(
+        "--calibrate", default=None, metavar="OUT.json", help="measure this machine (GEMMs, memory) into OUT.json"
+    )
     ap.add_argument("--schedules", default=",".join(PLAN_SCHEDULES), help="pipeline schedules to consider")
     ap.add_argument("--top", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.calibrate:
+        import json
+
+        import torch
+
+        cal = calibrate("cuda" if torch.cuda.is_available() else "cpu")
+        with open(args.calibrate, "w") as f:
+            json.dump(dataclasses.asdict(cal), f, indent=1)
+        print(
+            f"calibrated {cal.device}: GEMM FLOP/s by size {[(int(d), f'{r:.3g}') for d, r in cal.gemm]}, "
+            f"memory {cal.mem_bw / 1e9:.1f} GB/s -> {args.calibrate}"
+        )
+        return
     try:
         gpu = GPUS[args.gpu or "h100"]
         intra, inter = gpu.nvlink, gpu.network
@@ -528,7 +847,17 @@ def main(argv: list[str] | None = None) -> None:
             intra = parse_size(links["nvlink"]) if "nvlink" in links else intra
             inter = parse_size(links["ib"]) if "ib" in links else inter
         gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else gpu.memory
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu.peak_flops
+        cal = gpu_calibration(gpu)
+        if args.peak_tflops:
+            cal = dataclasses.replace(
+                cal, gemm=tuple((d, r * args.peak_tflops * 1e12 / gpu.peak_flops) for d, r in cal.gemm)
+            )
+        if args.calibration:
+            import json
+
+            with open(args.calibration) as f:
+                raw = json.load(f)
+            cal = Calibration(**{**raw, "gemm": tuple(tuple(x) for x in raw["gemm"])})
         if args.from_hf:
             config, label = model_from_hf(args.from_hf, args.seq), args.from_hf
         elif args.model:
@@ -541,8 +870,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.vocab:
             over["vocab_size"] = args.vocab
         if over:
-            import dataclasses
-
             reset = {"head_dim": None} if {"d_model", "n_head"} & set(over) else {}
             if "n_head" in over and "n_kv_head" not in over and config.n_kv_head == config.n_head:
                 reset["n_kv_head"] = None
@@ -563,8 +890,7 @@ def main(argv: list[str] | None = None) -> None:
             args.gpus_per_node or gpu.per_node,
             intra,
             inter,
-            peak,
-            args.mfu,
+            cal,
             None,
             schedules,
         )
