@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/data_parallel.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/context_parallel.py
+	$(PY) bench/planner.py
 
 # On a GPU machine (no internet; its own torch + triton): build the extension with CUDA into that Python,
 # run the GPU-only tests, then the kernel suite (writes bench/results/gpu_suite.json).
