@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import math
 import re
@@ -102,11 +101,21 @@ class Plan:
 _PARTS: dict = {}  # (config, pp, v, style) -> Partition: one split per shape, however many candidates use it
 
 
+_PLANNING: list = []  # (config, key) while plan() runs over that config
+
+
+def _config_key(config: GPTConfig) -> tuple:
+    """A hashable key of every field (cheaper than ``repr``; computed once per :func:`plan`)."""
+    if _PLANNING and _PLANNING[0][0] is config:
+        return _PLANNING[0][1]
+    return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in config.__dict__.values())
+
+
 def stage_units(config: GPTConfig, pp: int, rank: int, v: int = 1, style: str = "loop") -> list[tuple[int, int]]:
     """Units (embedding, blocks, head) of pp rank ``rank``'s chunks, split by gptpar's partitioner (cached)."""
     from gptpar.models.stages import partition
 
-    key = (repr(config), pp, v, style)
+    key = (_config_key(config), pp, v, style)
     if key not in _PARTS:
         _PARTS[key] = partition(config, pp, v, style=style)
     part = _PARTS[key]
@@ -153,15 +162,15 @@ _STATS: dict = {}
 def _schedule_stats(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
     from gptpar.parallel.pipeline.schedules import build, placement, simulate
 
-    if schedule in ("gpipe", "1f1b") or (schedule == "interleaved" and m % p == 0):
-        # closed forms (the simulator reproduces them exactly: tests/test_pipeline.py)
-        bubble = (p - 1) / (v * m + p - 1)
+    if schedule in ("gpipe", "1f1b", "zb-h1") or (schedule == "interleaved" and m % p == 0):
+        # closed forms (the simulator reproduces them exactly: tests/test_pipeline.py); ZB-H1 idles 2(p-1)
+        # units per rank beside 3m busy (F = I = W = 1) and holds what 1F1B holds
+        bubble = (p - 1) / (v * m + p - 1) if schedule != "zb-h1" else 2 * (p - 1) / (3 * m + 2 * (p - 1))
         if schedule == "gpipe":
-            return ScheduleStats(bubble, [m] * p, [tuple((k,) for k in range(1, m + 1))] * p, [False] * p)
-        if schedule == "1f1b":
+            return ScheduleStats(bubble, [m] * p, [((m,),)] * p, [False] * p)
+        if schedule in ("1f1b", "zb-h1"):
             held = [min(p - r, m) for r in range(p)]
-            trace = [tuple((k,) for k in range(1, n + 1)) for n in held]
-            return ScheduleStats(bubble, held, trace, [m > n for n in held])
+            return ScheduleStats(bubble, held, [((n,),) for n in held], [m > n for n in held])
         warm = [min((p - r - 1) * 2 + (v - 1) * p, v * m) for r in range(p)]
         return ScheduleStats(bubble, [min(w + 1, v * m) for w in warm], None, [v * m > w + 1 for w in warm])
     ms = _sim_microbatches(schedule, p, m)
@@ -171,12 +180,22 @@ def _schedule_stats(schedule: str, p: int, m: int, v: int) -> ScheduleStats:
     sim = _SIMS[key]
     busy = sum(sim.busy) * m / ms
     idle = len(sim.busy) * sim.makespan - sum(sim.busy)
-    trace = [tuple(t) for t in sim.live_trace]
+    trace = [_frontier(t) for t in sim.live_trace]
     return ScheduleStats(idle / (idle + busy), list(sim.peak_in_flight), trace, sim.forward_after_backward)
 
 
 def param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int:
     """Parameters on one tp rank holding ``units`` (:meth:`GPTConfig.unit_params`, ParallelGPT's sharding)."""
+    key = (_config_key(config), tp, tuple(units))
+    if key not in _COUNTS:
+        _COUNTS[key] = _param_count(config, tp, units)
+    return _COUNTS[key]
+
+
+_COUNTS: dict = {}
+
+
+def _param_count(config: GPTConfig, tp: int, units: list[tuple[int, int]]) -> int:
     u, L = config.unit_params(tp), config.n_layer
     total = 0
     for a, b in units:  # a chunk holding the head but not the embedding keeps its own copy of a tied matrix
@@ -215,14 +234,13 @@ def activation_bytes(
     total = 0
     L = config.n_layer
     for lo, hi in units:
-        for u in range(lo, hi):
-            if u == 0:
-                total += s * b * 8  # token ids (int64) for the embedding backward
-            elif u == L + 1:
-                # ln_f, lm_head input, fp32 softmax of the vocab shard in the loss (+ small index tensors)
-                total += norm + sc * b * h * elem + s * b * (V // tp) * 4 + s * b * 8 * 2 + s * b
-            else:
-                total += sn * b * h * elem if recompute else block
+        if lo == 0:
+            total += s * b * 8  # token ids (int64) for the embedding backward
+        if hi == L + 2:
+            # ln_f, lm_head input, fp32 softmax of the vocab shard in the loss (+ small index tensors)
+            total += norm + sc * b * h * elem + s * b * (V // tp) * 4 + s * b * 8 * 2 + s * b
+        blocks = max(0, min(hi, L + 1) - max(lo, 1))
+        total += blocks * (sn * b * h * elem if recompute else block)
     return total
 
 
@@ -243,9 +261,19 @@ def in_flight(schedule: str, p: int, r: int, m: int, v: int) -> float:
     return schedule_sim(schedule, p, m, v).peak_in_flight[r] / v
 
 
-@functools.lru_cache(maxsize=65536)
 def _weighted_peak(trace: tuple, per_chunk: tuple) -> float:
     return max(sum(k * b for k, b in zip(held, per_chunk, strict=True)) for held in trace)
+
+
+def _frontier(trace) -> tuple:
+    """The held-microbatch vectors no other one dominates: whatever each chunk's (positive) activation
+    bytes, the weighted peak is among them (a 1F1B rank's ``(1,), (2,), ... (n,)`` reduces to ``(n,)``)."""
+    vecs = sorted(set(map(tuple, trace)), reverse=True)
+    out: list[tuple] = []
+    for t in vecs:
+        if not any(all(a >= b for a, b in zip(o, t, strict=True)) for o in out):
+            out.append(t)
+    return tuple(out)
 
 
 def memory(
@@ -738,36 +766,49 @@ def plan(
     bubbles come from simulating the schedule itself."""
     cal = cal or gpu_calibration(GPUS["h100"])
     s, L, a = config.seq_len, config.n_layer, config.n_head
-    out = []
-    for tp, pp, cp in itertools.product(divisors(gpus), divisors(gpus), [1, 2, 4, 8]):
-        if tp > gpus_per_node or gpus_per_node % tp or tp * pp * cp > gpus or gpus % (tp * pp * cp):
-            continue  # (a tp group stays inside a node)
-        dp = gpus // (tp * pp * cp)
-        if a % tp or config.n_kv_head % tp and tp % config.n_kv_head or config.padded_vocab % tp:
-            continue
-        if L < pp or s % (2 * cp) and cp > 1:
-            continue
-        for mb, sched, sp, zero1, rc in itertools.product(
-            micro_batches, schedules if pp > 1 else ("1f1b",), [False, True], [False, True], [False, True]
-        ):
-            v = 2 if sched in ("interleaved", "zbv", "dualpipev") else 1
-            if (sp and tp == 1) or (zero1 and dp * cp == 1) or global_batch % (dp * mb):
+    _PLANNING.clear()
+    _PLANNING.append((config, _config_key(config)))  # the partition cache's key, computed once
+    try:
+        out = []
+        for tp, pp, cp in itertools.product(divisors(gpus), divisors(gpus), [1, 2, 4, 8]):
+            if tp > gpus_per_node or gpus_per_node % tp or tp * pp * cp > gpus or gpus % (tp * pp * cp):
+                continue  # (a tp group stays inside a node)
+            dp = gpus // (tp * pp * cp)
+            if a % tp or config.n_kv_head % tp and tp % config.n_kv_head or config.padded_vocab % tp:
                 continue
-            m = global_batch // (dp * mb)
-            if L + 2 < pp * v or (sched == "interleaved" and m % pp) or (sched == "dualpipev" and m < 2 * pp):
+            if L < pp or s % (2 * cp) and cp > 1:
                 continue
-            mem = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "transient")}
-            for r in {0, pp - 1} if pp > 1 else {0}:  # the first and last stages hold the most
-                mr = peak_memory(config, tp, pp, dp, cp, v, mb, m, sp, zero1, elem, elem, elem, sched, r, recompute=rc)
-                mr.pop("peak")
-                if sum(mr.values()) > sum(mem.values()):
-                    mem = mr
-            if sum(mem.values()) > gpu_mem:
-                continue
-            time = step_time(
-                config, cal, tp, pp, dp, cp, v, mb, m, sp, rc, sched, intra_bw, inter_bw, gpus_per_node, elem
-            )
-            out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time, rc, sched if pp > 1 else "-"))
+            n_floor = config.num_params() / (tp * pp)  # the fewest parameters the fullest rank can hold
+            for mb, sched, sp, zero1, rc in itertools.product(
+                micro_batches, schedules if pp > 1 else ("1f1b",), [False, True], [False, True], [False, True]
+            ):
+                v = 2 if sched in ("interleaved", "zbv", "dualpipev") else 1
+                if (sp and tp == 1) or (zero1 and dp * cp == 1) or global_batch % (dp * mb):
+                    continue
+                m = global_batch // (dp * mb)
+                if L + 2 < pp * v or (sched == "interleaved" and m % pp) or (sched == "dualpipev" and m < 2 * pp):
+                    continue
+                # every rank holds at least its share of the weights and their optimizer state: most candidates
+                # of a large model fail on that alone, before any schedule is simulated
+                opt_bytes = 8 + (4 if (elem != 4 or zero1) else 0)
+                if n_floor * (elem + opt_bytes / (dp * cp if zero1 else 1)) > gpu_mem:
+                    continue
+                mem = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "transient")}
+                for r in {0, pp - 1} if pp > 1 else {0}:  # the first and last stages hold the most
+                    mr = peak_memory(
+                        config, tp, pp, dp, cp, v, mb, m, sp, zero1, elem, elem, elem, sched, r, recompute=rc
+                    )
+                    mr.pop("peak")
+                    if sum(mr.values()) > sum(mem.values()):
+                        mem = mr
+                if sum(mem.values()) > gpu_mem:
+                    continue
+                time = step_time(
+                    config, cal, tp, pp, dp, cp, v, mb, m, sp, rc, sched, intra_bw, inter_bw, gpus_per_node, elem
+                )
+                out.append(Plan(tp, pp, dp, cp, v, mb, sp, zero1, mem, time, rc, sched if pp > 1 else "-"))
+    finally:
+        _PLANNING.clear()
     out.sort(key=lambda p: (round(p.step_time, 9), p.total_memory))  # ties: the smaller footprint first
     return out[:top] if top else out
 

@@ -215,6 +215,7 @@ class Trainer:
             fault_point(step, self.st.rank, self.st.world_size, args.out)
             if step == self.start + 1 and self.st.device.type != "cuda":
                 record = self.tracked_step(step)  # CPU: no allocator statistics, so track this one step
+                self.tracked_at = step + 1
             else:
                 record = self.train_step(step)
             bad_steps = bad_steps + 1 if record["nonfinite"] else 0
@@ -430,9 +431,14 @@ class Trainer:
             json.dump(summary, f, indent=1)
         png = os.path.join(args.out, "loss.png")
         plot_losses(self.log_path, png)
+        if st.device.type == "cuda":
+            tensors = f"{max(mems) / 2**20:.1f} MiB (allocator; "
+        elif getattr(self, "tracked_at", None):
+            tensors = f"{max(mems) / 2**20:.1f} MiB (tracked over step {self.tracked_at}; "
+        else:  # the tracked step is the run's second: a one-step run has none
+            tensors = "not tracked (one step; "
         print(
             f"gptpar train: {args.steps} steps, {summary['tokens_per_s']:,.0f} tokens/s, peak tensor memory per "
-            f"rank {max(mems) / 2**20:.1f} MiB ({'allocator' if st.device.type == 'cuda' else 'tracked over step 2'}; "
-            f"process RSS {max(rss) / 2**20:.0f} MiB), {self.comm_s:.1f}s in communication (rank 0); "
+            f"rank {tensors}process RSS {max(rss) / 2**20:.0f} MiB), {self.comm_s:.1f}s in communication (rank 0); "
             f"log {self.log_path}, plot {png}"
         )

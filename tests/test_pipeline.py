@@ -47,13 +47,16 @@ def test_interleaved_bubble_matches_formula(p, m, v):
     assert sim.bubble_fraction == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-12)
 
 
-@pytest.mark.parametrize("p, m", [(2, 4), (4, 8), (4, 4), (3, 7)])
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 8), (4, 4), (3, 7), (8, 3), (6, 13)])
 def test_zero_bubble_is_lower_than_1f1b_with_the_same_memory(p, m):
     acts = build("zb-h1", p, m)
     validate(acts, m)
     zb, ofob = simulate(acts), simulate(build("1f1b", p, m))
     assert zb.bubble_fraction < ofob.bubble_fraction
     assert zb.peak_in_flight == ofob.peak_in_flight
+    # the closed form the planner uses: 2(p-1) idle units per rank (F = I = W = 1) beside 3m busy
+    assert zb.bubble_fraction == pytest.approx(2 * (p - 1) / (3 * m + 2 * (p - 1)), abs=1e-12)
+    assert zb.forward_after_backward == ofob.forward_after_backward
     assert all(a.kind in "FIW" for r in acts for a in r)
 
 

@@ -329,7 +329,7 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_pat
         (["--out", "UNDERFILE"], "is not writable"),
     ],
 )
-def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, message):
+def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, message, monkeypatch, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     bad = tmp_path / "bad.toml"
@@ -358,10 +358,20 @@ def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, messag
     out = tmp_path / "run"
     if "--out" in args:
         out = tmp_path / "afile" / "run"
-    res = train(out, *args, cache=cache, check=False)
-    assert res.returncode == 2
-    assert "gptpar train: error: " in res.stderr and message in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr
+    # the launcher's own validation, in this process (a subprocess per case would only add start-up time);
+    # reaching the launch of the workers fails the test
+    import gptpar.train as cli
+
+    def launch(*a, **k):
+        raise AssertionError(f"{args}: workers were started")
+
+    monkeypatch.setattr(cli, "launch", launch)
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*SMALL, "--steps", "20", "--out", str(out), "--cache-dir", cache, *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "gptpar train: error: " in err and message in err, err
+    assert "Traceback" not in err
     assert not out.exists()  # nothing written
 
 

@@ -69,11 +69,18 @@ def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
     cut = [[0] * (n + 1) for _ in range(parts + 1)]
     best[0][0] = 0.0
     for k in range(1, parts + 1):
+        prev, row, cuts = best[k - 1], best[k], cut[k]
         for i in range(k, n - (parts - k) + 1):
+            top, b = prefix[i], inf
             for j in range(k - 1, i):
-                cand = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cand < best[k][i]:
-                    best[k][i], cut[k][i] = cand, j
+                head = prev[j]
+                if head >= b:  # prev[] never decreases with j: no later cut can do better
+                    break
+                tail = top - prefix[j]
+                cand = head if head > tail else tail
+                if cand < b:
+                    b, cuts[i] = cand, j
+            row[i] = b
     bounds, i = [], n
     for k in range(parts, 0, -1):
         j = cut[k][i]
