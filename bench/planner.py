@@ -6,8 +6,9 @@ published Table 1.
 * CPU ranking: a small GPT trained for a few steps at 8 layouts of 4 processes (dp, tp, pp, cp and their
   pairs); each layout's step time is the best of ``--reps`` steps after a warm-up. The planner predicts
   each from a calibration of this machine (``gptpar plan --calibrate``'s measurement: one thread's GEMM
-  rates and memory bandwidth, each process getting cores/processes of a core) and gloo's measured
-  all-reduce latency and bandwidth. Reported: both times per layout and Spearman's rank correlation.
+  rates and memory bandwidth, each process getting cores/processes of a core) and gloo's cost per
+  message among 2 and 4 coupled processes, measured between compute phases. Reported: both times per
+  layout and Spearman's rank correlation.
 * Table 1 (Narayanan et al. 2021): predicted TFLOP/s per GPU for the ten published layouts with the A100
   curve and one fitted scalar (:func:`gptpar.planner.table1_comparison`), beside the published numbers.
 """
@@ -15,17 +16,13 @@ published Table 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
 
-import torch
-
-from gptpar import GPTConfig, ParallelGPT, ParallelLayout, init_parallel
-from gptpar.parallel import comm
-from gptpar.parallel.data import DataParallel
+from gptpar import GPTConfig, ParallelLayout
 from gptpar.planner import calibrate, step_time, table1_comparison
+from gptpar.planner_measure import gloo_link, layout_step_time, spearman
 from gptpar.testing import run_distributed
 
 CONFIG = GPTConfig(vocab_size=1024, seq_len=128, n_layer=8, n_head=8, d_model=256)
@@ -42,97 +39,6 @@ LAYOUTS = {
 }
 
 
-def _step_time(layout: ParallelLayout, reps: int) -> float:
-    torch.set_num_threads(1)
-    st = init_parallel(layout)
-    per_dp = BATCH // layout.dp
-    m = per_dp // MB
-    engine = None
-    if layout.pp > 1:
-        from gptpar.pipeline import make_pipeline
-
-        engine, _ = make_pipeline(CONFIG, st, "1f1b", m)
-        chunks = engine.chunks
-    else:
-        chunks = [ParallelGPT(CONFIG, st)]
-    params = [p for c in chunks for p in c.parameters()]
-    ddp = DataParallel(params, st, average=False) if st.dp.size * st.cp.size > 1 else None
-    opt = torch.optim.AdamW(params)
-    g = torch.Generator().manual_seed(st.dp.rank)
-    idx = torch.randint(0, CONFIG.vocab_size, (per_dp, CONFIG.seq_len), generator=g)
-
-    def step():
-        if engine is not None:
-            with ddp.no_sync() if ddp else contextlib.nullcontext():
-                engine.step(idx, idx)
-        else:
-            for i, x in enumerate(idx.chunk(m)):
-                with ddp.no_sync() if (ddp and i < m - 1) else contextlib.nullcontext():
-                    chunks[0](x, x)[1].backward()
-        if ddp:
-            ddp.finish()
-        opt.step()
-        if ddp:
-            ddp.zero_grad()
-        else:
-            opt.zero_grad(set_to_none=True)
-
-    step()
-    best = float("inf")
-    for _ in range(reps):
-        comm.barrier(st.world)
-        t0 = time.perf_counter()
-        step()
-        comm.barrier(st.world)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _gloo_link() -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) of a 4-process gloo all-reduce on this machine, measured between
-    compute phases as training interleaves them: on shared cores a collective waits for every process
-    to be scheduled, which an idle loop of all-reduces does not show."""
-    torch.set_num_threads(1)
-    st = init_parallel(ParallelLayout(dp=4))
-    a = torch.randn(192, 192)
-
-    def work():
-        return a @ a
-
-    def per_iter(n: int | None) -> float:
-        x = torch.ones(n) if n else None
-        for _ in range(2):
-            work()
-            if x is not None:
-                comm.all_reduce(x, st.world)
-        comm.barrier(st.world)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            work()
-            if x is not None:
-                comm.all_reduce(x, st.world)
-        comm.barrier(st.world)
-        return (time.perf_counter() - t0) / 20
-
-    base = per_iter(None)
-    small, large = per_iter(1) - base, per_iter(1 << 18) - base
-    bw = 2 * 3 / 4 * (1 << 18) * 4 / max(large - small, 1e-9)
-    return max(small, 1e-6), bw
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(x):
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        for k, i in enumerate(order):
-            r[i] = float(k)
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    n = len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -142,17 +48,20 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     cal = calibrate("cpu", threads=1)
-    lat, bw = run_distributed(_gloo_link, 4)[0]
-    cal = dataclasses.replace(cal, share=min(1.0, cores / 4), latency=lat)
+    links = {g: max(run_distributed(gloo_link, 4, g)) for g in (2, 4)}
+    lat, bw = links[2]
+    group_latency = tuple((g, t) for g, (t, _) in links.items())
+    cal = dataclasses.replace(cal, share=min(1.0, cores / 4), latency=lat, group_latency=group_latency)
     rows = []
     print(
         f"planner vs measured step time, GPT {CONFIG.num_params() / 1e6:.1f}M, 4 CPU processes on {cores} cores, "
-        f"gloo all-reduce latency {lat * 1e6:.0f} us, bandwidth {bw / 1e9:.2f} GB/s, {time.strftime('%Y-%m-%d')}"
+        f"gloo all-reduce per message {links[2][0] * 1e3:.2f} ms among 2 coupled processes, "
+        f"{links[4][0] * 1e3:.2f} ms among 4, bandwidth {bw / 1e9:.2f} GB/s, {time.strftime('%Y-%m-%d')}"
     )  # noqa: E501
     print(f"{'layout':10s} {'measured s':>10s} {'predicted s':>11s}")
     for name, kw in LAYOUTS.items():
         layout = ParallelLayout(**kw)
-        measured = max(run_distributed(_step_time, 4, layout, a.reps, timeout=900))
+        measured = max(run_distributed(layout_step_time, 4, CONFIG, layout, BATCH, MB, a.reps, timeout=900))
         per_dp = BATCH // layout.dp
         m = per_dp // MB
         t = step_time(
@@ -171,7 +80,17 @@ def main() -> None:
         )  # noqa: E501
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"cpu_ranking": rows, "spearman": rho, "table1": t1, "date": time.strftime("%Y-%m-%d")}, f, indent=1)  # noqa: E501
+        json.dump(
+            {
+                "cpu_ranking": rows,
+                "spearman": rho,
+                "group_latency": group_latency,
+                "table1": t1,
+                "date": time.strftime("%Y-%m-%d"),
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

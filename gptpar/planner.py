@@ -442,6 +442,18 @@ class Calibration:
     scale: float = 1.0  # end-to-end efficiency over the kernels' (launches, framework): fitted once
     op_overhead: float = 5e-6  # seconds of framework/launch time per op, whatever its size
     overlap: float = 1.0  # share of communication that runs beside compute (GPU: own engines; CPU: ~0)
+    # processes sharing cores (share < 1): seconds per message when that many processes are coupled by
+    # per-layer collectives, measured between compute phases (a message waits for every coupled process
+    # to be scheduled; empty: ``latency`` for every size)
+    group_latency: tuple[tuple[int, float], ...] = ()
+
+    def latency_of(self, coupled: int) -> float:
+        """Seconds per message among ``coupled`` processes: the measured size at or below it (the
+        smallest measured one below all of them)."""
+        if not self.group_latency:
+            return self.latency
+        pts = sorted(self.group_latency)
+        return next((t for g, t in reversed(pts) if g <= coupled), pts[0][1])
 
     def gemm_rate(self, m: float, n: float, k: float) -> float:
         g = max(1.0, (m * n * k) ** (1 / 3))
@@ -594,23 +606,31 @@ def step_time(
     f_mb, b_mb = max((stage_mb(*st) for st in stages), key=sum)
     per_mb = f_mb + b_mb
     layers = max(n for n, _ in stages)
+    # tensor and context parallel ranks exchange every layer, synchronously: on shared cores a message
+    # waits for all of tp x cp coupled processes to be scheduled (pipeline P2P and the data-parallel
+    # reduction are asynchronous and buffered: they couple only their own pair or group)
+    coupled = tp * cp
     # tensor parallel: 2 all-reduces forward, 2 backward per layer (+2 when recomputing), T h e bytes each
-    ar = cal.latency + 2 * (tp - 1) / tp * T * h * elem / intra_bw if tp > 1 else 0.0
+    ar = cal.latency_of(coupled) + 2 * (tp - 1) / tp * T * h * elem / intra_bw if tp > 1 else 0.0
     tp_mb = layers * ar * (6 if recompute else 4)
-    # context parallel: (cp-1) K/V blocks forward, K/V + fp32 dK/dV back, per layer; hidden behind attention
+    # context parallel: (cp-1) K/V blocks forward, K/V + fp32 dK/dV back, per layer (3 messages a step of
+    # the ring); hidden behind attention as far as the device overlaps
     if cp > 1:
         cp_bw = intra_bw if tp * cp <= gpus_per_node else inter_bw
         kv_bytes = 2 * T * kv * elem
-        comm = (cp - 1) * (cal.latency + (kv_bytes + kv_bytes * (1 + 4 / elem)) / cp_bw)
+        comm = (cp - 1) * (3 * cal.latency_of(coupled) + (kv_bytes + kv_bytes * (1 + 4 / elem)) / cp_bw)
         cp_mb = layers * max(0.0, comm - cal.overlap * 3.5 * attn)
     else:
         cp_mb = 0.0
     compute = m * per_mb
     if pp > 1:
         bub = schedule_sim(schedule, pp, m, v).bubble_fraction
-        bubble = compute * bub / (1 - bub)
+        # a device to itself idles through the bubble. Processes sharing cores (share < 1) run at full
+        # speed while others wait: the step is the longer of the cores' total work (``compute``, at the
+        # shared rate) and the schedule's critical path at full speed (share * compute / (1 - bubble))
+        bubble = compute * max(0.0, cal.share / (1 - bub) - 1) if cal.share < 1 else compute * bub / (1 - bub)
         pp_bw = inter_bw if tp * cp * dp >= gpus_per_node else intra_bw
-        p2p = cal.latency + T * h * elem / pp_bw
+        p2p = cal.latency_of(2) + T * h * elem / pp_bw
         # fill and drain; steady-state transfers overlap compute (as far as the device overlaps at all)
         pp_time = 2 * (pp - 1) * v * p2p + (1 - cal.overlap) * 2 * m * v * p2p
     else:
@@ -619,7 +639,7 @@ def step_time(
     gsize = dp * cp
     if gsize > 1:
         dp_bw = intra_bw if tp * cp * dp <= gpus_per_node else inter_bw
-        red = cal.latency * 4 + 2 * (gsize - 1) / gsize * n_local * (reduce_bytes or elem) / dp_bw
+        red = cal.latency_of(gsize) * 4 + 2 * (gsize - 1) / gsize * n_local * (reduce_bytes or elem) / dp_bw
         dp_time = max(0.1 * red, red - cal.overlap * b_mb) if overlap_dp else red
     else:
         dp_time = 0.0

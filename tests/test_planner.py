@@ -289,3 +289,36 @@ def test_time_model_parts_respond_to_the_layout():
     assert hidden < exposed
     # bigger GEMMs run at a higher share of peak: the calibrated curve
     assert cal.gemm_rate(8192, 8192, 8192) > 2 * cal.gemm_rate(256, 256, 256)
+
+
+def test_planner_ranks_measured_layouts_on_4_cpu_processes():
+    """The time model, calibrated on this machine (one thread's GEMM rates, gloo's per-message cost among
+    2 and 4 coupled processes), puts three layouts of 4 processes in the order their measured steps take
+    (each step the best of 2; the layouts a step apart by >= 1.4x on 2 cores: pipelines fill one
+    another's bubbles, tensor parallelism waits on per-layer collectives). The full ranking of 8 layouts,
+    with Spearman's correlation, is bench/planner.py's."""
+    import dataclasses
+    import os
+
+    from gptpar.planner import calibrate, step_time
+    from gptpar.planner_measure import gloo_link, layout_step_time
+
+    config = GPTConfig(vocab_size=1024, seq_len=128, n_layer=4, n_head=4, d_model=128)
+    batch, mb = 8, 2
+    links = {g: max(run_distributed(gloo_link, 4, g)) for g in (2, 4)}
+    cal = dataclasses.replace(
+        calibrate("cpu", threads=1, reps=2),
+        share=min(1.0, (os.cpu_count() or 1) / 4),
+        latency=links[2][0],
+        group_latency=tuple((g, t) for g, (t, _) in links.items()),
+    )
+    measured, predicted = {}, {}
+    for name, kw in {"pp2 dp2": dict(pp=2, dp=2), "tp2 dp2": dict(tp=2, dp=2), "tp4": dict(tp=4)}.items():
+        layout = ParallelLayout(**kw)
+        measured[name] = max(run_distributed(layout_step_time, 4, config, layout, batch, mb, 2))
+        m = batch // layout.dp // mb
+        bw = links[2][1]
+        t = step_time(config, cal, layout.tp, layout.pp, layout.dp, layout.cp, 1, mb, m, sp=False, intra_bw=bw, elem=4)
+        predicted[name] = sum(t.values())
+    order = sorted(measured, key=measured.get)
+    assert sorted(predicted, key=predicted.get) == order, (measured, predicted)
