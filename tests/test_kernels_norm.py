@@ -16,7 +16,8 @@ from gptpar.ops.norm import layer_norm, reference_layer_norm, reference_rms_norm
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2)):
     # ragged widths (masked tails); 521 rows: backward programs sum 2 rows each, the last group short
-    for shape in ((3, 5, 64), (7, 100), (65, 33), (1, 1000), (521, 24)):
+    shapes = ((3, 5, 64), (7, 100), (65, 33), (1, 1000), (521, 24))
+    for shape in shapes if dtype == torch.float32 else shapes[1:3]:  # fp16: the ragged widths
         n = shape[-1]
         x = (torch.randn(shape) * 3 + 1).to(dtype).requires_grad_()
         w = (torch.rand(n) + 0.5).requires_grad_()
