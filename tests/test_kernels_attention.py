@@ -132,7 +132,7 @@ import dataclasses
 import test_documents as documents
 
 # (module level: spawned workers import this script first) heads of 16, which the flash kernel takes
-documents.CONFIGS["wide"] = dataclasses.replace(documents.ROPE, d_model=64, head_dim=None, ffn_hidden=None)
+documents.CONFIGS["wide"] = dataclasses.replace(documents.ROPE, d_model=64, n_layer=2, head_dim=None, ffn_hidden=None)
 
 if __name__ == "__main__":
     config = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=64)
