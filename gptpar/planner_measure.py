@@ -14,26 +14,28 @@ from gptpar.parallel import comm
 from gptpar.parallel.data import DataParallel
 
 
-def layout_step_time(config: GPTConfig, layout: ParallelLayout, batch: int, mb: int, reps: int) -> float:
-    """Runs on every rank: the best of ``reps`` training steps (after one warm-up) of ``config`` at ``layout``,
-    ``batch`` sequences a step in micro-batches of ``mb`` (pipelines: 1F1B), one thread per process."""
-    torch.set_num_threads(1)
-    st = init_parallel(layout)
-    per_dp = batch // layout.dp
-    m = per_dp // mb
+def training_step(
+    config: GPTConfig, st, m: int, idx: torch.Tensor, schedule: str = "1f1b", zero1: bool = False, **opts
+):
+    """One rank's training step as the trainer runs it: ``m`` micro-batches of ``idx`` (data-parallel sync
+    on the last) or the pipeline engine under ``schedule``; the reduction; AdamW or ZeRO-1; gradients
+    cleared. Returns ``(step, chunks, optimizer, data_parallel or None)``. ``opts``: ParallelGPT's."""
     engine = None
-    if layout.pp > 1:
+    if st.pp.size > 1:
         from gptpar.pipeline import make_pipeline
 
-        engine, _ = make_pipeline(config, st, "1f1b", m)
+        engine, _ = make_pipeline(config, st, schedule, m, 1, **opts)
         chunks = engine.chunks
     else:
-        chunks = [ParallelGPT(config, st)]
+        chunks = [ParallelGPT(config, st, **opts)]
     params = [p for c in chunks for p in c.parameters()]
-    ddp = DataParallel(params, st, average=False) if st.dp.size * st.cp.size > 1 else None
-    opt = torch.optim.AdamW(params)
-    g = torch.Generator().manual_seed(st.dp.rank)
-    idx = torch.randint(0, config.vocab_size, (per_dp, config.seq_len), generator=g)
+    ddp = DataParallel(params, st, shard_grads=zero1, average=False) if st.dp.size * st.cp.size > 1 else None
+    if zero1:
+        from gptpar.parallel.zero import ZeroAdamW
+
+        opt = ZeroAdamW(ddp)
+    else:
+        opt = torch.optim.AdamW(params)
 
     def step():
         if engine is not None:
@@ -51,6 +53,18 @@ def layout_step_time(config: GPTConfig, layout: ParallelLayout, batch: int, mb: 
         else:
             opt.zero_grad(set_to_none=True)
 
+    return step, chunks, opt, ddp
+
+
+def layout_step_time(config: GPTConfig, layout: ParallelLayout, batch: int, mb: int, reps: int) -> float:
+    """Runs on every rank: the best of ``reps`` training steps (after one warm-up) of ``config`` at ``layout``,
+    ``batch`` sequences a step in micro-batches of ``mb`` (pipelines: 1F1B), one thread per process."""
+    torch.set_num_threads(1)
+    st = init_parallel(layout)
+    per_dp = batch // layout.dp
+    g = torch.Generator().manual_seed(st.dp.rank)
+    idx = torch.randint(0, config.vocab_size, (per_dp, config.seq_len), generator=g)
+    step, *_ = training_step(config, st, per_dp // mb, idx)
     step()
     best = float("inf")
     for _ in range(reps):

@@ -98,41 +98,15 @@ PEAK_CONFIG = GPTConfig(vocab_size=1024, seq_len=64, n_layer=4, n_head=4, d_mode
 def _measure_peak(layout, sp=False, zero1=False, recompute=False, schedule="1f1b", m=2, b=4):
     """The trainer's step (micro-batches with data-parallel sync on the last, or the pipeline engine; the
     reduction; AdamW or ZeRO-1; gradients cleared) run once to warm up, then once under the tracker."""
-    import contextlib
-
     from gptpar.memory import step_peak_bytes
+    from gptpar.planner_measure import training_step
 
     torch.manual_seed(0)
     st = init_parallel(layout)
-    opts = {"sequence_parallel": sp, "recompute": recompute}
-    engine = None
-    if layout.pp > 1:
-        from gptpar.pipeline import make_pipeline
-
-        engine, _ = make_pipeline(PEAK_CONFIG, st, schedule, m, 1, **opts)
-        chunks = engine.chunks
-    else:
-        chunks = [ParallelGPT(PEAK_CONFIG, st, **opts)]
-    params = [p for c in chunks for p in c.parameters()]
-    ddp = DataParallel(params, st, shard_grads=zero1, average=False) if st.dp.size * st.cp.size > 1 else None
-    opt = ZeroAdamW(ddp) if zero1 else torch.optim.AdamW(params)
     idx = torch.randint(0, PEAK_CONFIG.vocab_size, (b, PEAK_CONFIG.seq_len), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        if engine is not None:
-            with ddp.no_sync() if ddp else contextlib.nullcontext():
-                engine.step(idx, idx)
-        else:
-            for i, x in enumerate(idx.chunk(m)):
-                with ddp.no_sync() if (ddp and i < m - 1) else contextlib.nullcontext():
-                    chunks[0](x, x)[1].backward()
-        if ddp:
-            ddp.finish()
-        opt.step()
-        if ddp:
-            ddp.zero_grad()
-        else:
-            opt.zero_grad(set_to_none=True)
+    step, chunks, opt, ddp = training_step(
+        PEAK_CONFIG, st, m, idx, schedule, zero1, sequence_parallel=sp, recompute=recompute
+    )
 
     step()
     measured = step_peak_bytes(step, chunks, opt, extra=[bk.grad for bk in ddp.buckets] if ddp else [])
