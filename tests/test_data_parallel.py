@@ -122,6 +122,34 @@ def test_low_precision_reduce_error_is_bounded_and_does_not_grow_with_ranks(dtyp
     assert e4 <= 1.5 * e2, f"error grew with ranks: dp=2 {e2:.2e}, dp=4 {e4:.2e}"
 
 
+def _two_rank_values(dtype, average):
+    st = init_parallel(ParallelLayout(dp=2))
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(300,), (17, 5), (1000,)]]
+    ddp = DataParallel(params, st, reduce_dtype=dtype, bucket_mb=0.001, first_bucket_mb=0.001, average=average)
+    for step in range(2):
+        want = []
+        for p in params:
+            g = torch.Generator().manual_seed(step * 100 + sum(p.shape))
+            both = torch.randn((2, *p.shape), generator=g) * torch.logspace(-3, 3, 2 * p.numel()).view(2, *p.shape)
+            p.grad.copy_(both[st.dp.rank])
+            fp32_sum = both[0].to(dtype).float() + both[1].to(dtype).float()  # each rank's cast, summed in fp32
+            want.append((fp32_sum * (0.5 if average else 1.0)).to(dtype).float())  # rounded once more
+        ddp.finish()
+        for p, w in zip(params, want, strict=True):
+            if not torch.equal(p.grad, w):
+                return (p.grad - w).abs().max().item()
+        ddp.zero_grad()
+    return 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_two_rank_low_precision_reduce_is_the_fp32_sum_rounded_once(dtype):
+    # bf16 runs one bf16 all-reduce between two ranks, fp16 the all-to-all / fp32 sum / all-gather: both
+    # must give each rank's cast, summed in fp32, scaled, rounded once more, bit for bit
+    for average in (True, False):
+        assert run_distributed(_two_rank_values, 2, dtype, average) == [0.0, 0.0], (dtype, average)
+
+
 def test_error_feedback_runs_and_stays_bounded():
     assert run_distributed(_reduce_error, 2, torch.bfloat16, True)[0] <= 2 * 2.0**-8
 

@@ -240,6 +240,36 @@ def test_1f1b_holds_p_microbatches_gpipe_holds_m_measured():
         assert ofob[r].peak_in_flight == 4 - r
         ratio = ofob[r].peak_activation_bytes / gp[r].peak_activation_bytes
         assert ratio == pytest.approx((4 - r) / 8, rel=0.05), (r, ratio)
+        # sent outputs are released (their graphs kept): GPipe's 8 held outputs weigh 8 x 4 bytes, not
+        # 8 x [2, 8, d] activations (the last stage's "outputs" are its scalar losses)
+        assert 0 < gp[r].peak_output_bytes <= 8 * 4, (r, gp[r].peak_output_bytes)
+
+
+def test_sends_release_their_tensors_once_complete_or_answered(monkeypatch):
+    from gptpar.parallel import comm
+    from gptpar.parallel.pipeline import p2p as p2p_mod
+
+    class Handle:  # a send that completes when the test says so (gloo reports none before its wait)
+        def __init__(self):
+            self.works, self.finished, self.waited = [object()], False, False
+
+        def done(self):
+            return self.finished
+
+        def wait(self):
+            self.works, self.waited = [], True
+
+    monkeypatch.setattr(comm, "isend", lambda tensor, group, dst, tag: Handle())
+    group = type("G", (), {"rank": 0, "size": 2})()
+    p2p = p2p_mod.StageP2P(group)
+    a, b = p2p.send(torch.randn(4), 1, 1), p2p.send(torch.randn(4), 1, 2)
+    assert len(p2p.pending) == 2
+    a.finished = True
+    c = p2p.send(torch.randn(4), 1, 3)  # drops the completed send, waited, and its tensor
+    assert a.waited and [h for h, _ in p2p.pending] == [b, c]
+    p2p.release(c)  # the receiver answered it
+    assert c.waited and [h for h, _ in p2p.pending] == [b]
+    assert p2p.send(torch.randn(4), 0, 4) is None and 4 in p2p.local  # to itself: a hand-over
 
 
 def test_timeline_png_and_overlap_measurement(tmp_path):

@@ -265,6 +265,10 @@ class P2PHandle:
             _wait(w, self.op, self.group)
         self.works = []
 
+    def done(self) -> bool:
+        """Whether every operation has completed (never blocks)."""
+        return all(w.is_completed() for w in self.works)
+
 
 def isend(tensor: torch.Tensor, group: Group, dst: int, tag: int = 0) -> P2PHandle:
     """Start sending ``tensor`` to group-local rank ``dst``; keep ``tensor`` alive until ``wait()``."""

@@ -33,12 +33,32 @@ class StepStats:
     blocked_s: float = 0.0  # waiting for receives and for sends to complete
     peak_in_flight: int = 0  # microbatches whose activations were held at once
     peak_activation_bytes: int = 0  # bytes saved for backward, held at once (with measure_memory)
+    peak_output_bytes: int = 0  # bytes of stage outputs the engine holds for backward, at once (measure_memory)
     events: list = field(default_factory=list)  # (kind, mb, chunk, t0, t1) relative to step start
 
     @property
     def hidden_comm_fraction(self) -> float:
         """Share of the step not spent blocked on communication."""
         return 1.0 - self.blocked_s / self.total_s if self.total_s else 0.0
+
+
+def _release_data(y: torch.Tensor) -> None:
+    """Free a sent stage output's values and keep its autograd graph (Megatron's deallocated pipeline
+    outputs): from here only the send holds them, until it completes. Without it each microbatch's output
+    stays until its backward: ``m`` of them under GPipe."""
+    if y._base is None:  # a view's values belong to its base: nothing to free
+        y.data = torch.empty((1,), dtype=y.dtype, device=y.device)
+
+
+def _backward(y: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """``torch.autograd.backward(y, grad)`` for a ``y`` whose values :func:`_release_data` freed: the
+    engine's own entry point, which does not compare ``y``'s (now one-element) shape with ``grad``'s."""
+    if grad is None:
+        torch.autograd.backward(y)  # the loss: never released
+        return
+    torch.autograd.Variable._execution_engine.run_backward(
+        (y,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True
+    )
 
 
 class PipelineEngine:
@@ -129,6 +149,7 @@ class PipelineEngine:
         stats = StepStats()
         store: dict[tuple[int, int], tuple] = {}
         deferred: dict[tuple[int, int], list] = {}
+        sent: dict[tuple[int, int], object] = {}  # each stage output's send, released at its backward
         act_bytes: dict[tuple[int, int], int] = {}
         live_bytes = live = 0
         losses = []
@@ -176,32 +197,42 @@ class PipelineEngine:
                         # [1]: drop the logits at once (a name would hold them until the next forward)
                         loss = chunk(x, tgt, ignore_index, loss_normalizer=norm, **side(a.mb))[1]
                         losses.append(loss.detach())
-                        y = loss * loss_scale
+                        y, shape = loss * loss_scale, None
                     else:
                         y = chunk(x, **side(a.mb))
-                        self.p2p.send(y.detach(), self._rank_of(vs + 1), self._tag(a.mb, vs, False))
-                store[key] = (x, y)
+                        sent[key] = self.p2p.send(y.detach(), self._rank_of(vs + 1), self._tag(a.mb, vs, False))
+                        shape = tuple(y.shape)
+                        _release_data(y)  # the send holds the values; backward needs only y's graph
+                store[key] = (x, y, shape)
+                if self.measure_memory:
+                    held = sum(out.untyped_storage().nbytes() for _, out, _ in store.values())
+                    stats.peak_output_bytes = max(stats.peak_output_bytes, held)
                 act_bytes[key] = saved[0]
                 live += 1
                 live_bytes += saved[0]
                 stats.peak_in_flight = max(stats.peak_in_flight, live)
                 stats.peak_activation_bytes = max(stats.peak_activation_bytes, live_bytes)
             elif a.kind in ("B", "I"):
-                x, y = store.pop(key)
+                x, y, shape = store.pop(key)
                 if vs == self.nvs - 1:
                     grad = None
                 else:
                     tw = time.perf_counter()
                     grad = posted.pop(i).wait()
+                    if tuple(grad.shape) != shape:
+                        raise RuntimeError(
+                            f"pipeline rank {self.rank}: gradient of shape {tuple(grad.shape)} received for stage "
+                            f"{vs}'s output of shape {tuple(shape)} (microbatch {a.mb})"
+                        )
+                    self.p2p.release(sent.pop(key))  # the next stage answered: the output was delivered
                     if self.record:
                         stats.events.append(("wait", a.mb, a.chunk, tw - t_start, time.perf_counter() - t_start))
                     t0 = time.perf_counter()
                 if a.kind == "I":
                     with defer_weight_grads(deferred.setdefault(key, [])):
-                        torch.autograd.backward(y, grad)
-
+                        _backward(y, grad)
                 else:
-                    torch.autograd.backward(y, grad)
+                    _backward(y, grad)
                 if vs > 0:
                     self.p2p.send(x.grad, self._rank_of(vs - 1), self._tag(a.mb, vs, True))
                 if a.kind == "B":

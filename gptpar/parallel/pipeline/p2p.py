@@ -1,9 +1,10 @@
 """Point-to-point transfer of activations and gradients between pipeline stages.
 
 Receives are posted early (:meth:`StageP2P.recv` returns at once; :meth:`Recv.wait` blocks) so that they
-are in flight while the rank computes; sends are asynchronous and waited at the end of the step. Every
-message has a tag unique to (microbatch, virtual stage, direction), so messages cannot be matched to the
-wrong receive whatever order the schedule posts them in.
+are in flight while the rank computes; sends are asynchronous, their tensors dropped as they complete (or
+once their receiver has answered: :meth:`StageP2P.release`), and the rest waited at the end of the step.
+Every message has a tag unique to (microbatch, virtual stage, direction), so messages cannot be matched
+to the wrong receive whatever order the schedule posts them in.
 
 A transfer between two stages on the same rank (the bottom of a V placement) is a hand-over in memory.
 
@@ -79,20 +80,37 @@ class StageP2P:
             return LocalRecv(self, tag)
         return Recv(self, src, tag, shape, dtype, device)
 
-    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> P2PHandle | None:
+        """Start sending; returns the handle (None for a hand-over on this rank) for :meth:`release`."""
         if dst == self.group.rank:
             self.local[tag] = tensor
-            return
+            return None
         tensor = tensor.contiguous()
         if self.negotiate:
             if tensor.dim() > MAX_DIMS:
                 raise ValueError(f"negotiated pipeline send supports up to {MAX_DIMS} dims, got {tensor.dim()}")
             header = torch.tensor([tensor.dim(), *tensor.shape] + [0] * (MAX_DIMS - tensor.dim()), device=tensor.device)
             self._isend(header, dst, 2 * tag + 1)
-        self._isend(tensor, dst, 2 * tag)
+        return self._isend(tensor, dst, 2 * tag)
 
-    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        self.pending.append((comm.isend(tensor, self.group, dst, tag), tensor))
+    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> P2PHandle:
+        # drop the sends that have completed (waited: an error surfaces here), and the tensors with them: kept
+        # to the end of the step, every microbatch's boundary activation and gradient would stay alive.
+        # (NCCL reports completion; gloo's sends report it only once waited: see release.)
+        if any(h.done() for h, _ in self.pending):
+            for h, _ in self.pending:
+                if h.done():
+                    h.wait()
+            self.pending = [(h, t) for h, t in self.pending if h.works]
+        handle = comm.isend(tensor, self.group, dst, tag)
+        self.pending.append((handle, tensor))
+        return handle
+
+    def release(self, handle: P2PHandle | None) -> None:
+        """Wait for a send known to be delivered (its receiver has answered it) and drop its tensor."""
+        if handle is not None:
+            handle.wait()
+            self.pending = [(h, t) for h, t in self.pending if h is not handle]
 
     def wait_sends(self) -> None:
         t0 = time.perf_counter()
