@@ -42,23 +42,26 @@ class StepStats:
         return 1.0 - self.blocked_s / self.total_s if self.total_s else 0.0
 
 
+# autograd's engine entry point (torch 2.11 and 2.13 have it); without it outputs are kept, not released
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+_RUN_BACKWARD = getattr(_ENGINE, "run_backward", None)
+
+
 def _release_data(y: torch.Tensor) -> None:
     """Free a sent stage output's values and keep its autograd graph (Megatron's deallocated pipeline
     outputs): from here only the send holds them, until it completes. Without it each microbatch's output
     stays until its backward: ``m`` of them under GPipe."""
-    if y._base is None:  # a view's values belong to its base: nothing to free
+    if y._base is None and _RUN_BACKWARD is not None:  # a view's values belong to its base: nothing to free
         y.data = torch.empty((1,), dtype=y.dtype, device=y.device)
 
 
 def _backward(y: torch.Tensor, grad: torch.Tensor | None) -> None:
     """``torch.autograd.backward(y, grad)`` for a ``y`` whose values :func:`_release_data` freed: the
     engine's own entry point, which does not compare ``y``'s (now one-element) shape with ``grad``'s."""
-    if grad is None:
-        torch.autograd.backward(y)  # the loss: never released
+    if grad is None or _RUN_BACKWARD is None:  # the loss (never released), or a torch without the entry point
+        torch.autograd.backward(y, grad)
         return
-    torch.autograd.Variable._execution_engine.run_backward(
-        (y,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True
-    )
+    _RUN_BACKWARD((y,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
 
 class PipelineEngine:
