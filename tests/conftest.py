@@ -16,3 +16,19 @@ __all__ = ["run_distributed", "DistributedTestError"]
 def _worker_pools():
     yield
     shutdown_pools()
+
+
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """``refused(argv)``: run ``gptpar train``'s launcher on ``argv`` in this process (a subprocess would only
+    add start-up time) and return (exit code, stderr); reaching the launch of the workers fails the test."""
+    import gptpar.train as cli
+
+    def run(argv):
+        monkeypatch.setattr(cli, "launch", lambda *a, **k: pytest.fail(f"{argv}: workers were started"))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            cli.main([str(a) for a in argv])
+        return exc.value.code, capsys.readouterr().err
+
+    return run

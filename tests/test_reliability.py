@@ -20,25 +20,6 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture
-def refused(monkeypatch, capsys):
-    """``refused(out, *args, cache=)``: run ``gptpar train``'s launcher in this process (a subprocess would
-    only add start-up time) and return (exit code, stderr); starting workers fails the test."""
-    import gptpar.train as cli
-
-    monkeypatch.setattr(cli, "launch", lambda *a, **k: pytest.fail("workers were started"))
-
-    def run(out, *args, cache, steps):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            cli.main(
-                [*SMALL, "--steps", str(steps), "--eval-every", "10", "--out", str(out), "--cache-dir", cache, *args]
-            )
-        return exc.value.code, capsys.readouterr().err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, cache):
     """A finished 2-process run with checkpoints at steps 3 and 6."""
@@ -50,7 +31,7 @@ def done(tmp_path_factory, cache):
 def test_a_second_run_in_the_same_out_is_refused_unless_resume_or_overwrite(done, tmp_path, cache, refused):
     out = tmp_path / "out"
     shutil.copytree(done, out)
-    code, err = refused(out, "--nproc", "1", cache=cache, steps=6)
+    code, err = refused([*SMALL, "--steps", "6", "--out", out, "--cache-dir", cache, "--nproc", "1"])
     assert code == 2 and "holds a previous run" in err and "--overwrite" in err
     assert len(losses(out)) == 6  # the old log untouched
     train(out, "--nproc", "1", "--overwrite", cache=cache, steps=2)
@@ -167,7 +148,9 @@ def _damaged(done, tmp_path, how):
 )
 def test_a_damaged_checkpoint_is_refused_naming_the_file(done, tmp_path, cache, how, message, refused):
     out = _damaged(done, tmp_path, how)
-    code, err = refused(out, "--nproc", "2", "--tp", "2", "--resume", cache=cache, steps=8)
+    code, err = refused(
+        [*SMALL, "--steps", "8", "--out", out, "--cache-dir", cache, "--nproc", "2", "--tp", "2", "--resume"]
+    )
     assert code == 2 and "gptpar train: error: " in err and message in err, err[-2000:]
     assert "Traceback" not in err
     if how == "overwritten":  # the other tools check it too

@@ -332,7 +332,7 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_pat
         (["--out", "UNDERFILE"], "is not writable"),
     ],
 )
-def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, message, monkeypatch, capsys):
+def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, message, refused):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     bad = tmp_path / "bad.toml"
@@ -361,36 +361,21 @@ def test_bad_input_fails_before_any_process_starts(tmp_path, cache, args, messag
     out = tmp_path / "run"
     if "--out" in args:
         out = tmp_path / "afile" / "run"
-    # the launcher's own validation, in this process (a subprocess per case would only add start-up time);
-    # reaching the launch of the workers fails the test
-    import gptpar.train as cli
-
-    def launch(*a, **k):
-        raise AssertionError(f"{args}: workers were started")
-
-    monkeypatch.setattr(cli, "launch", launch)
-    with pytest.raises(SystemExit) as exc:
-        cli.main([*SMALL, "--steps", "20", "--out", str(out), "--cache-dir", cache, *args])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2
+    code, err = refused([*SMALL, "--steps", "20", "--out", out, "--cache-dir", cache, *args])
+    assert code == 2
     assert "gptpar train: error: " in err and message in err, err
     assert "Traceback" not in err
     assert not out.exists()  # nothing written
 
 
-def test_resume_same_model_continues_and_a_different_model_is_refused(tp2pp2, cache, monkeypatch, capsys):
+def test_resume_same_model_continues_and_a_different_model_is_refused(tp2pp2, cache, refused):
     train(tp2pp2, "--nproc", "4", "--tp", "2", "--pp", "2", "--resume", cache=cache, steps=30)
     assert [r["step"] for r in losses(tp2pp2)][-11:] == list(range(20, 31))
     before = sorted(os.listdir(tp2pp2 / "checkpoints"))
     log_before = open(tp2pp2 / "log.jsonl").read()
-    import gptpar.train as cli  # the launcher's check, in this process; starting workers fails the test
-
-    monkeypatch.setattr(cli, "launch", lambda *a, **k: pytest.fail("workers were started"))
-    argv = [*SMALL[:1], "4", *SMALL[2:], "--steps", "40", "--out", str(tp2pp2), "--cache-dir", cache]
-    with pytest.raises(SystemExit) as exc:
-        cli.main([*argv, "--resume", "--nproc", "1"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2
+    argv = [*SMALL[:1], "4", *SMALL[2:], "--steps", "40", "--out", tp2pp2, "--cache-dir", cache]
+    code, err = refused([*argv, "--resume", "--nproc", "1"])
+    assert code == 2
     assert "gptpar train: error: checkpoint" in err
     assert "was saved for a different model (n_layer: checkpoint 2 vs now 4)" in err
     assert "Traceback" not in err
