@@ -225,7 +225,7 @@ class PipelineEngine:
                     if tuple(grad.shape) != shape:
                         raise RuntimeError(
                             f"pipeline rank {self.rank}: gradient of shape {tuple(grad.shape)} received for stage "
-                            f"{vs}'s output of shape {tuple(shape)} (microbatch {a.mb})"
+                            f"{vs}'s output of shape {shape} (microbatch {a.mb})"
                         )
                     self.p2p.release(sent.pop(key))  # the next stage answered: the output was delivered
                     if self.record:

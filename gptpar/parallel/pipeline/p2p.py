@@ -97,11 +97,10 @@ class StageP2P:
         # drop the sends that have completed (waited: an error surfaces here), and the tensors with them: kept
         # to the end of the step, every microbatch's boundary activation and gradient would stay alive.
         # (NCCL reports completion; gloo's sends report it only once waited: see release.)
-        if any(h.done() for h, _ in self.pending):
-            for h, _ in self.pending:
-                if h.done():
-                    h.wait()
-            self.pending = [(h, t) for h, t in self.pending if h.works]
+        for h, _ in self.pending:
+            if h.done():
+                h.wait()  # returns at once; leaves no works
+        self.pending = [(h, t) for h, t in self.pending if h.works]
         handle = comm.isend(tensor, self.group, dst, tag)
         self.pending.append((handle, tensor))
         return handle
