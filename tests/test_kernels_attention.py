@@ -8,6 +8,8 @@ import sys
 
 CHECK = r"""
 import torch
+from gptpar.kernels._interpreter import install
+assert install()  # the interpreter's fast helper calls are on (kernels/_interpreter.py): else ~1.5x slower
 from gptpar.ops.attention import (reference_attention_backward, reference_attention_forward,
                                   triton_attention_backward, triton_attention_forward)
 
@@ -43,6 +45,8 @@ print("kernels ok")
 
 GQA_CHECK = r"""
 import torch
+from gptpar.kernels._interpreter import install
+assert install()  # the interpreter's fast helper calls are on (kernels/_interpreter.py): else ~1.5x slower
 from gptpar.ops.attention import (reference_attention_backward, reference_attention_forward,
                                   triton_attention_backward, triton_attention_forward)
 
@@ -80,6 +84,8 @@ print("gqa ok")
 
 DOCS_CHECK = r"""
 import torch
+from gptpar.kernels._interpreter import install
+assert install()  # the interpreter's fast helper calls are on (kernels/_interpreter.py): else ~1.5x slower
 from gptpar.ops.attention import (attention_bounds, kernel_tiles, reference_attention_backward,
                                   reference_attention_forward, triton_attention_backward, triton_attention_forward)
 

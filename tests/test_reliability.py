@@ -274,13 +274,11 @@ def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_it(tmp_path, cac
     assert elapsed < 45, elapsed  # was a fixed 600 s, 640 s to exit
 
 
-def test_export_refuses_an_existing_target(done, tmp_path):
+def test_export_refuses_an_existing_target(done, tmp_path, capsys):
+    from gptpar import cli
+
     (tmp_path / "taken").mkdir()
-    res = subprocess.run(
-        [sys.executable, "-m", "gptpar.cli", "export", "--ckpt", str(done), "--out", str(tmp_path / "taken")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 2 and "refusing to overwrite" in res.stderr
+    with pytest.raises(SystemExit) as exc:  # `gptpar export`, in this process
+        cli.main(["export", "--ckpt", str(done), "--out", str(tmp_path / "taken")])
+    assert exc.value.code == 2 and "refusing to overwrite" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["taken"] and not os.listdir(tmp_path / "taken")  # nothing left behind
