@@ -141,6 +141,28 @@ def _rank(config, batch, reps, p):
     return out
 
 
+def _stage_compute(config, micro, reps):
+    """Forward + backward of one micro-batch in one process (1 thread) through the two models the stages
+    are cut from: the reference GPT (torch.distributed.pipelining's stages) and ParallelGPT at tp=1
+    (gptpar's chunks). Each side's pipeline step is these units plus its executor's waits and transfers,
+    so their ratio bounds what an executor can gain on this machine. Returns name -> per-round seconds."""
+    from gptpar import ParallelGPT
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ref, ours = GPT(config), ParallelGPT(config, init_parallel(ParallelLayout()))
+    idx, tgt = _batch(config, micro)
+
+    def run(model):
+        def fwd_bwd():
+            model(idx, tgt)[1].backward()
+            model.zero_grad(set_to_none=True)
+
+        return fwd_bwd
+
+    return timed_interleaved({"torch": run(ref), "gptpar": run(ours)}, reps)
+
+
 def _peak(impl, name, v, config, batch, p):
     torch.set_num_threads(1)
     init_parallel(ParallelLayout(pp=p))
@@ -154,6 +176,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compute-only", action="store_true", help="only the one-process stage compute line")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pipeline_cpu.json"))
     a = ap.parse_args()
     config = GPTConfig(vocab_size=1024, seq_len=a.seq, n_layer=a.layers, n_head=8, d_model=a.d_model)
@@ -163,6 +186,17 @@ def main() -> None:
         f"pipeline m={M}, GPT {config.num_params() / 1e6:.1f}M params ({a.layers} layers, d={a.d_model}, "
         f"seq={a.seq}, batch={a.batch}), fp32, CPU gloo, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     )
+    micro = a.batch // M
+    comp = _stage_compute(config, micro, max(5, a.reps))
+    med = {k: statistics.median(v) for k, v in comp.items()}
+    spread = {k: max(v) - min(v) for k, v in comp.items()}
+    print(
+        f"stage compute, one process, one micro-batch ({micro} x {a.seq}) forward + backward of the whole model: "
+        f"torch's reference GPT {med['torch'] * 1e3:.1f}+-{spread['torch'] * 1e3:.1f} ms, gptpar's ParallelGPT "
+        f"{med['gptpar'] * 1e3:.1f}+-{spread['gptpar'] * 1e3:.1f} ms (torch/gptpar {med['torch'] / med['gptpar']:.2f})"
+    )
+    if a.compute_only:
+        return
     print(
         f"{'p':>2} {'schedule':15s} {'gptpar s':>12s} {'tok/s':>7s} {'MB/rank':>8s} {'torch s':>12s} {'tok/s':>7s} "
         f"{'MB/rank':>8s} {'torch/gptpar':>12s} {'bubble sim':>10s} {'meas':>6s} {'comm hidden':>11s}"
@@ -222,7 +256,10 @@ def main() -> None:
             )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"args": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+        stage = {"micro_batch": micro, "torch_s": comp["torch"], "gptpar_s": comp["gptpar"]}
+        json.dump(
+            {"args": vars(a), "rows": rows, "stage_compute": stage, "date": time.strftime("%Y-%m-%d")}, f, indent=1
+        )
 
 
 if __name__ == "__main__":
