@@ -37,6 +37,7 @@ import contextlib
 import contextvars
 import fnmatch
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -681,9 +682,63 @@ def parallelize(
     ``model.save_pretrained(dir)`` then writes the full model (:func:`save_pretrained`).
     """
     state = layout if isinstance(layout, ParallelState) else init_parallel(layout)
-    _replace(model, state, builtin_plan(model, sequence_parallel) if plan is None else plan)
+    plan = builtin_plan(model, sequence_parallel) if plan is None else plan
+    _replace(model, state, plan)
     _finish(model, state, sequence_parallel, check_replicas)
+    _warn_correlated_dropout(model, state, plan)
     return model
+
+
+def _attention_dropout(m: nn.Module) -> float:
+    """The attention-probability dropout of an attention module: transformers' ``attention_dropout``,
+    GPT-2's ``attn_dropout``, the replaced nanoGPT attention's ``dropout`` (0.0 when it has none)."""
+    for attr in ("attention_dropout", "attn_dropout", "dropout"):
+        v = getattr(m, attr, None)
+        p = v.p if isinstance(v, nn.Dropout) else v
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+            return float(p)
+    return 0.0
+
+
+def _warn_correlated_dropout(model: nn.Module, state: ParallelState, plan: dict) -> None:
+    """At the first training forward, warn (naming the modules) where dropout now draws the same masks on
+    every tp rank although each rank holds different data: the probabilities of each rank's attention
+    heads and, with sequence parallelism, every other dropout inside the block stack, whose activations
+    each rank holds a different part of the sequence of. The original model draws independent masks
+    there; under tp the masks repeat across head groups / sequence shards (right in expectation, but
+    correlated). A per-rank stream needs gptpar's own attention (ParallelGPT has one: TPRngTracker)."""
+    if state.tp.size == 1:
+        return
+    heads, regions = [], []
+    for name, m in model.named_modules():
+        style = next((plan[p] for p in plan if fnmatch.fnmatchcase(name, p)), None)
+        if isinstance(style, (HFAttention, Heads)) or isinstance(m, ParallelNanoGPTAttention):
+            heads.append(name)
+        if isinstance(style, SequenceParallelEnter):
+            regions.append(name.rpartition(".")[0] + ".")  # the block stack the region spans
+    found = [
+        f"{n} (attention probabilities, p={p:g})" for n in heads if (p := _attention_dropout(model.get_submodule(n)))
+    ]
+    probs = {f"{h}.attn_dropout" for h in heads}  # GPT-2's attention-probability dropout module, named above
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and m.p > 0 and name not in probs and any(name.startswith(r) for r in regions):
+            found.append(f"{name} (sequence-parallel activations, p={m.p:g})")
+    if not found:
+        return
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    message = (
+        f"gptpar.parallelize: at tp={state.tp.size} dropout draws the same masks on every tp rank where the "
+        f"original model draws independent ones: {shown}. Training is right in expectation, but the masks are "
+        "correlated across head groups / sequence shards; set these probabilities to 0 for the original "
+        "model's exact behaviour"
+    )
+
+    def warn_once(module, args):
+        if module.training:
+            warnings.warn(message, stacklevel=2)
+            handle.remove()
+
+    handle = model.register_forward_pre_hook(warn_once)
 
 
 def _replace(model: nn.Module, state: ParallelState, plan: dict) -> None:

@@ -301,3 +301,59 @@ def test_q_k_v_and_gate_up_share_one_input_gradient_all_reduce():
     per_block = 2  # attention input (q|k|v together) and MLP input (gate|up together), not 5
     want = (per_block * cfg.num_hidden_layers + 1) * act  # + the LM head's input
     assert run_distributed(_backward_traffic, 2) == [want, want]
+
+
+def _dropout_warnings(kind: str, sp: bool, **drop):
+    """The warnings of parallelize at tp=2 over ``kind`` with the given dropout settings: (at an eval
+    forward, at the first training forward, at the second)."""
+    import warnings
+
+    import transformers as tf
+
+    state = init_parallel(ParallelLayout(tp=2))
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) | drop
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16, **cfg))
+    else:
+        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg, num_key_value_heads=2, **drop))
+    parallelize(model, state, sequence_parallel=sp)
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    seen = []
+    for training in (False, True, True):
+        model.train(training)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(input_ids=idx, labels=idx)
+        seen.append([str(w.message) for w in caught if "gptpar.parallelize" in str(w.message)])
+    return seen
+
+
+@pytest.mark.parametrize(
+    "kind, sp, drop, named",
+    [
+        ("gpt2", False, {"attn_pdrop": 0.1}, ["transformer.h.0.attn (attention probabilities, p=0.1)"]),
+        (  # with SP also the residual-branch dropouts on sequence shards; without SP those are replicated
+            "gpt2",
+            True,
+            {"attn_pdrop": 0.1, "resid_pdrop": 0.2},
+            ["transformer.h.0.attn (attention probabilities", "transformer.h.0.attn.resid_dropout (sequence"],
+        ),
+        ("gpt2", False, {"resid_pdrop": 0.2, "embd_pdrop": 0.2}, []),  # replicated activations: right as is
+        ("llama", True, {"attention_dropout": 0.1}, ["model.layers.1.self_attn (attention probabilities, p=0.1)"]),
+        ("llama", False, {}, []),
+    ],
+    ids=["gpt2-attn", "gpt2-sp", "gpt2-replicated", "llama-attn", "llama-none"],
+)
+def test_dropout_that_tp_correlates_is_named_at_the_first_training_forward(kind, sp, drop, named):
+    """Dropout over each rank's heads (or, with SP, its sequence shard) draws the same masks on every tp
+    rank, where the original draws independent ones: not silent. Nothing at eval, once in training."""
+    for at_eval, first, second in run_distributed(_dropout_warnings, 2, kind, sp, **drop):
+        assert at_eval == [] and second == []
+        if not named:
+            assert first == []
+            continue
+        assert len(first) == 1 and "at tp=2 dropout draws the same masks on every tp rank" in first[0], first
+        for n in named:
+            assert n in first[0], (n, first[0])
