@@ -37,7 +37,6 @@ import contextlib
 import contextvars
 import fnmatch
 import os
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -48,6 +47,7 @@ from torch import nn
 from gptpar.errors import GptparConfigError
 from gptpar.parallel import comm
 from gptpar.parallel.mesh import ParallelLayout, ParallelState, init_parallel
+from gptpar.parallel.random import rank_local_forward, replicated_forward
 from gptpar.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -685,7 +685,7 @@ def parallelize(
     plan = builtin_plan(model, sequence_parallel) if plan is None else plan
     _replace(model, state, plan)
     _finish(model, state, sequence_parallel, check_replicas)
-    _warn_correlated_dropout(model, state, plan)
+    _rank_local_dropout(model, state, plan)
     return model
 
 
@@ -700,13 +700,13 @@ def _attention_dropout(m: nn.Module) -> float:
     return 0.0
 
 
-def _warn_correlated_dropout(model: nn.Module, state: ParallelState, plan: dict) -> None:
-    """At the first training forward, warn (naming the modules) where dropout now draws the same masks on
-    every tp rank although each rank holds different data: the probabilities of each rank's attention
-    heads and, with sequence parallelism, every other dropout inside the block stack, whose activations
-    each rank holds a different part of the sequence of. The original model draws independent masks
-    there; under tp the masks repeat across head groups / sequence shards (right in expectation, but
-    correlated). A per-rank stream needs gptpar's own attention (ParallelGPT has one: TPRngTracker)."""
+def _rank_local_dropout(model: nn.Module, state: ParallelState, plan: dict) -> None:
+    """Megatron's rule for dropout under tp, as the original model draws it: where each rank holds
+    different data (the probabilities of its attention heads; with sequence parallelism every activation
+    of the block stack, a different part of the sequence on every rank) each rank draws its own mask;
+    where every rank holds the same activations (the residual stream without SP), the same mask. Without
+    it every rank would draw the same masks everywhere: repeated across head groups and sequence shards.
+    Installed where a dropout probability is > 0 (training only; eval and p = 0 draw nothing extra)."""
     if state.tp.size == 1:
         return
     heads, regions = [], []
@@ -716,29 +716,25 @@ def _warn_correlated_dropout(model: nn.Module, state: ParallelState, plan: dict)
             heads.append(name)
         if isinstance(style, SequenceParallelEnter):
             regions.append(name.rpartition(".")[0] + ".")  # the block stack the region spans
-    found = [
-        f"{n} (attention probabilities, p={p:g})" for n in heads if (p := _attention_dropout(model.get_submodule(n)))
-    ]
-    probs = {f"{h}.attn_dropout" for h in heads}  # GPT-2's attention-probability dropout module, named above
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout) and m.p > 0 and name not in probs and any(name.startswith(r) for r in regions):
-            found.append(f"{name} (sequence-parallel activations, p={m.p:g})")
-    if not found:
+    probs = {f"{h}.attn_dropout" for h in heads}  # GPT-2's attention-probability dropout module
+    rank = state.tp.rank
+    if regions:  # sequence parallel: every dropout in a block is on a shard or over local heads
+        blocks = {n for n, _ in model.named_modules() for r in regions if n.startswith(r) and "." not in n[len(r) :]}
+        for b in sorted(blocks):
+            block = model.get_submodule(b)
+            drops = [m for m in block.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+            attn = [model.get_submodule(h) for h in heads if h.startswith(b + ".")]
+            if drops or any(_attention_dropout(a) for a in attn):
+                rank_local_forward(block, rank)
         return
-    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-    message = (
-        f"gptpar.parallelize: at tp={state.tp.size} dropout draws the same masks on every tp rank where the "
-        f"original model draws independent ones: {shown}. Training is right in expectation, but the masks are "
-        "correlated across head groups / sequence shards; set these probabilities to 0 for the original "
-        "model's exact behaviour"
-    )
-
-    def warn_once(module, args):
-        if module.training:
-            warnings.warn(message, stacklevel=2)
-            handle.remove()
-
-    handle = model.register_forward_pre_hook(warn_once)
+    for h in heads:
+        attn = model.get_submodule(h)
+        if not _attention_dropout(attn):
+            continue
+        rank_local_forward(attn, rank)
+        for name, m in attn.named_modules():
+            if isinstance(m, nn.Dropout) and m.p > 0 and f"{h}.{name}" not in probs:
+                replicated_forward(m)  # after the output projection: every rank holds the same activations
 
 
 def _replace(model: nn.Module, state: ParallelState, plan: dict) -> None:

@@ -303,57 +303,115 @@ def test_q_k_v_and_gate_up_share_one_input_gradient_all_reduce():
     assert run_distributed(_backward_traffic, 2) == [want, want]
 
 
-def _dropout_warnings(kind: str, sp: bool, **drop):
-    """The warnings of parallelize at tp=2 over ``kind`` with the given dropout settings: (at an eval
-    forward, at the first training forward, at the second)."""
-    import warnings
+def _gpt2_with_dropout(attn, resid, twin_heads=False):
+    """A GPT-2 with these dropouts; ``twin_heads``: heads 2-3 copy heads 0-1 (at tp=2 both ranks then
+    compute the same thing before the output projection, up to the dropout masks)."""
+    import transformers as tf
 
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16, attn_pdrop=attn,
+                        resid_pdrop=resid, embd_pdrop=0.0)  # fmt: skip
+    model = tf.GPT2LMHeadModel(cfg)
+    if twin_heads:
+        with torch.no_grad():
+            for blk in model.transformer.h:
+                w, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # Conv1D: [in, q|k|v], 4 heads of 8
+                for off in (0, 32, 64):
+                    w[:, off + 16 : off + 32] = w[:, off : off + 16]
+                    b[off + 16 : off + 32] = b[off : off + 16]
+    return model
+
+
+def _dropout_under_tp(sp, twin_heads):
+    """At tp=2, one training and one eval forward: what reaches block 0's output projection (this rank's
+    heads), the final norm's output (replicated: the residual stream, gathered with SP), and the default
+    generator's state after the training forward. (Not the logits: gathered from every rank's vocabulary
+    slice, they agree even when the ranks' residual streams do not.)"""
+    state = init_parallel(ParallelLayout(tp=2))
+    model = parallelize(_gpt2_with_dropout(0.5, 0.3, twin_heads), state, sequence_parallel=sp)
+    heads, final = [], []
+    model.transformer.h[0].attn.c_proj.register_forward_pre_hook(lambda m, a: heads.append(a[0].detach().clone()))
+    model.transformer.ln_f.register_forward_hook(lambda m, a, out: final.append(out.detach().clone()))
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for training in (True, False):
+        model.train(training)
+        model(input_ids=idx)
+        out[training] = (heads[-1], final[-1])
+    return out, torch.get_rng_state()
+
+
+def test_dropout_over_heads_is_drawn_per_rank_and_on_replicated_activations_alike():
+    """Megatron's rule under parallelize: each rank's attention heads get their own dropout masks (with
+    twin head groups the ranks compute the same thing, so equal inputs to the output projection would mean
+    repeated masks), the residual stream one mask on every rank (the logits stay replicated), and every
+    rank's default generator stays the same."""
+    (a, rng_a), (b, rng_b) = run_distributed(_dropout_under_tp, 2, False, True)
+    assert torch.equal(a[False][0], b[False][0])  # eval: the twin head groups agree exactly
+    assert (a[True][0] - b[True][0]).abs().max() > 0.1  # training: different masks per rank
+    assert torch.equal(a[True][1], b[True][1]) and torch.equal(rng_a, rng_b)
+    (a, rng_a), (b, rng_b) = run_distributed(_dropout_under_tp, 2, True, False)  # SP: sequence shards
+    assert torch.equal(a[True][1], b[True][1]) and torch.equal(rng_a, rng_b)
+
+
+def _sp_twin_shards():
+    """Sequence parallel at tp=2 over a sequence whose halves are the same tokens, with no position
+    embedding and zero q/k/v weights (every position then holds the same function of its token): block 0's
+    output on each rank's shard, in training and in eval."""
+    state = init_parallel(ParallelLayout(tp=2))
+    model = _gpt2_with_dropout(0.2, 0.3)
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+        for blk in model.transformer.h:
+            blk.attn.c_attn.weight.zero_()
+    parallelize(model, state, sequence_parallel=True)
+    seen = []
+    model.transformer.h[0].register_forward_hook(
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+    )
+    half = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for training in (True, False):
+        model.train(training)
+        model(input_ids=torch.cat([half, half], dim=1))
+        out[training] = seen[-1]
+    return out
+
+
+def test_sequence_parallel_shards_draw_their_own_dropout_masks():
+    a, b = run_distributed(_sp_twin_shards, 2)
+    assert a[False].shape[1] == 8 and torch.equal(a[False], b[False])  # eval: the two shards hold the same
+    assert (a[True] - b[True]).abs().max() > 1e-3  # training: each shard its own masks (repeated ones: 0)
+
+
+def _grads_with_checkpointing(kind, sp, checkpointing):
     import transformers as tf
 
     state = init_parallel(ParallelLayout(tp=2))
-    torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) | drop
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16, **cfg))
+        model = _gpt2_with_dropout(0.3, 0.2)
     else:
+        torch.manual_seed(0)
         cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg, num_key_value_heads=2, **drop))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg, num_key_value_heads=2, attention_dropout=0.3))
     parallelize(model, state, sequence_parallel=sp)
-    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    seen = []
-    for training in (False, True, True):
-        model.train(training)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model(input_ids=idx, labels=idx)
-        seen.append([str(w.message) for w in caught if "gptpar.parallelize" in str(w.message)])
-    return seen
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    loss = model(input_ids=idx, labels=idx).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize(
-    "kind, sp, drop, named",
-    [
-        ("gpt2", False, {"attn_pdrop": 0.1}, ["transformer.h.0.attn (attention probabilities, p=0.1)"]),
-        (  # with SP also the residual-branch dropouts on sequence shards; without SP those are replicated
-            "gpt2",
-            True,
-            {"attn_pdrop": 0.1, "resid_pdrop": 0.2},
-            ["transformer.h.0.attn (attention probabilities", "transformer.h.0.attn.resid_dropout (sequence"],
-        ),
-        ("gpt2", False, {"resid_pdrop": 0.2, "embd_pdrop": 0.2}, []),  # replicated activations: right as is
-        ("llama", True, {"attention_dropout": 0.1}, ["model.layers.1.self_attn (attention probabilities, p=0.1)"]),
-        ("llama", False, {}, []),
-    ],
-    ids=["gpt2-attn", "gpt2-sp", "gpt2-replicated", "llama-attn", "llama-none"],
-)
-def test_dropout_that_tp_correlates_is_named_at_the_first_training_forward(kind, sp, drop, named):
-    """Dropout over each rank's heads (or, with SP, its sequence shard) draws the same masks on every tp
-    rank, where the original draws independent ones: not silent. Nothing at eval, once in training."""
-    for at_eval, first, second in run_distributed(_dropout_warnings, 2, kind, sp, **drop):
-        assert at_eval == [] and second == []
-        if not named:
-            assert first == []
-            continue
-        assert len(first) == 1 and "at tp=2 dropout draws the same masks on every tp rank" in first[0], first
-        for n in named:
-            assert n in first[0], (n, first[0])
+@pytest.mark.parametrize("kind, sp", [("gpt2", False), ("gpt2", True), ("llama", False)])
+def test_rank_local_dropout_replays_under_activation_checkpointing(kind, sp):
+    """Recomputation draws the same per-rank masks as the forward (the per-rank seed comes from the default
+    generator, which checkpointing restores): the same loss and gradients with and without it."""
+    plain = run_distributed(_grads_with_checkpointing, 2, kind, sp, False)
+    ckpt = run_distributed(_grads_with_checkpointing, 2, kind, sp, True)
+    for (loss_p, grads_p), (loss_c, grads_c) in zip(plain, ckpt, strict=True):
+        assert torch.equal(loss_p, loss_c)
+        for n, g in grads_p.items():
+            torch.testing.assert_close(grads_c[n], g, rtol=1e-5, atol=1e-6, msg=n)

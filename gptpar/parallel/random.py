@@ -97,3 +97,71 @@ def check_same_default_rng(group, device: torch.device) -> None:
             "activations would draw different masks and the replicas would diverge. Seed every rank alike "
             "(torch.manual_seed(seed) with the same seed) before building the model"
         )
+
+
+# ---------------------------------------------------------------------------------------------- drop-in
+# For models tensor-parallelised by ``gptpar.parallelize`` (no TPRngTracker of their own): a module whose
+# dropout tp splits runs on a generator seeded per call from (one draw of the default CPU generator, tp
+# rank). The draw is the same on every rank, so outside the module every rank's default stream stays equal;
+# it needs no state of its own, so torch.utils.checkpoint (which restores the default generators) replays
+# the same masks on recompute, and a resume that restores the default generator reproduces them.
+
+# The rank-local calls entered, innermost last: [generator, its default-stream state, module, the states
+# to go back to after the replicated modules inside].
+_REGIONS: list[list] = []
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _generator_of(args: tuple, kwargs: dict) -> torch.Generator:
+    """The default generator of the device the call's first tensor lives on (where its dropout draws)."""
+    t = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if t is not None and t.device.type == "cuda":
+        return torch.cuda.default_generators[
+            t.device.index if t.device.index is not None else torch.cuda.current_device()
+        ]
+    return torch.default_generator
+
+
+def rank_local_forward(module: torch.nn.Module, rank: int) -> None:
+    """Make ``module``'s dropout draw different masks on every tp rank (in training; eval draws nothing
+    extra). Hooks, not a wrapped ``forward``: a deep copy of the model keeps working on its own weights."""
+
+    def enter(mod, args, kwargs):
+        if not mod.training:
+            return None
+        seed = int(torch.randint(0, 2**62, (1,)))  # the default CPU stream: the same draw on every rank
+        gen = _generator_of(args, kwargs)
+        _REGIONS.append([gen, gen.get_state(), mod, []])
+        gen.manual_seed((seed + (rank + 1) * _GOLDEN) % 2**63)
+        return None
+
+    def leave(mod, args, kwargs, out):
+        if _REGIONS and _REGIONS[-1][2] is mod:
+            gen, state = _REGIONS.pop()[:2]
+            gen.set_state(state)
+        return None
+
+    module.register_forward_pre_hook(enter, with_kwargs=True)
+    module.register_forward_hook(leave, with_kwargs=True, always_call=True)
+
+
+def replicated_forward(module: torch.nn.Module) -> None:
+    """Inside a :func:`rank_local_forward` call, ``module`` (a dropout on activations every tp rank holds
+    alike) draws from the default stream instead, advancing it, so every rank draws the same mask."""
+
+    def enter(mod, args):
+        if _REGIONS:
+            frame = _REGIONS[-1]
+            frame[3].append(frame[0].get_state())  # the rank-local state, back after this module
+            frame[0].set_state(frame[1])
+        return None
+
+    def leave(mod, args, out):
+        if _REGIONS and _REGIONS[-1][3]:
+            frame = _REGIONS[-1]
+            frame[1] = frame[0].get_state()
+            frame[0].set_state(frame[3].pop())
+        return None
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
