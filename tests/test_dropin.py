@@ -344,8 +344,8 @@ def _dropout_under_tp(sp, twin_heads):
 def test_dropout_over_heads_is_drawn_per_rank_and_on_replicated_activations_alike():
     """Megatron's rule under parallelize: each rank's attention heads get their own dropout masks (with
     twin head groups the ranks compute the same thing, so equal inputs to the output projection would mean
-    repeated masks), the residual stream one mask on every rank (the logits stay replicated), and every
-    rank's default generator stays the same."""
+    repeated masks), the residual stream one mask on every rank (the final norm's output stays the same
+    on every rank), and every rank's default generator stays the same."""
     (a, rng_a), (b, rng_b) = run_distributed(_dropout_under_tp, 2, False, True)
     assert torch.equal(a[False][0], b[False][0])  # eval: the twin head groups agree exactly
     assert (a[True][0] - b[True][0]).abs().max() > 0.1  # training: different masks per rank
