@@ -124,7 +124,8 @@ def _generator_of(args: tuple, kwargs: dict) -> torch.Generator:
 
 def rank_local_forward(module: torch.nn.Module, rank: int) -> None:
     """Make ``module``'s dropout draw different masks on every tp rank (in training; eval draws nothing
-    extra). Hooks, not a wrapped ``forward``: a deep copy of the model keeps working on its own weights."""
+    extra). Hooks, the exit one ``always_call``: the generator is put back even when the forward raises, and
+    the module's ``forward`` (which transformers wraps for gradient checkpointing) stays its own."""
 
     def enter(mod, args, kwargs):
         if not mod.training:
